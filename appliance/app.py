@@ -1,0 +1,155 @@
+"""The app factory: one FastAPI app, the shared state its features use, and the routes every kind shares."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+
+from appliance import __version__
+from appliance.auth import KeyStore
+from appliance.catalog import Catalog, Route, load_catalog
+from appliance.config import Settings
+from appliance.errors import APIError, model_not_found
+from appliance.middleware import GatewayMiddleware
+
+Check = Callable[[], dict[str, Any]]
+
+
+@dataclass
+class AppState:
+    """What the features share. Features register their readiness and availability here."""
+
+    settings: Settings
+    catalog: Catalog
+    keys: KeyStore
+    started: int = field(default_factory=lambda: int(time.time()))
+    http: aiohttp.ClientSession | None = None  # one pooled client for every upstream
+    # name -> {"ready": bool, ...}; shown on /readyz.
+    readiness: dict[str, Check] = field(default_factory=dict)
+    # kind ("llm", "stt", "tts") -> whether a route of that kind can be served now.
+    availability: dict[str, Callable[[Route], bool]] = field(default_factory=dict)
+    startup: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    def available(self, route: Route) -> bool:
+        check = self.availability.get(route.kind)
+        return check is not None and check(route)
+
+    def require_route(self, model: Any, kind: str) -> Route:
+        """The route for a request's `model`, or the 4xx that explains why there is none."""
+        if not isinstance(model, str) or not model:
+            raise APIError(400, "'model' is required and must be a string.", param="model")
+        route = self.catalog.route(model)
+        if route is None or route.kind != kind:
+            raise model_not_found(model)
+        return route
+
+
+def app_state(request: Request) -> AppState:
+    return request.app.state.appliance
+
+
+def new_http_client(settings: Settings) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout)
+    return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    state = AppState(
+        settings=settings,
+        catalog=load_catalog(),
+        keys=KeyStore(settings.client_keys, settings.resolved_keys_file),
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.http = new_http_client(settings)
+        for start in state.startup:
+            await start()
+        try:
+            yield
+        finally:
+            for stop in reversed(state.shutdown):
+                await stop()
+            await state.http.close()
+
+    app = FastAPI(title="School AI appliance", version=__version__, lifespan=lifespan, docs_url=None)
+    app.state.appliance = state
+    _install_common_routes(app, state)
+    for install in _feature_installers():
+        install(app, state)
+    _install_error_handlers(app)
+    app.add_middleware(GatewayMiddleware, keys=state.keys)
+    return app
+
+
+def _feature_installers() -> list[Callable[[FastAPI, AppState], None]]:
+    """Each feature module registers its routes, readiness and background tasks."""
+    return []
+
+
+def _install_common_routes(app: FastAPI, state: AppState) -> None:
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> Response:
+        return Response(b'{"status":"ok"}', media_type="application/json")
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz() -> JSONResponse:
+        checks = {name: check() for name, check in state.readiness.items()}
+        servable = [r.name for r in state.catalog.routes if state.available(r)]
+        ready = bool(servable)
+        body = {"status": "ready" if ready else "unavailable", "servable": servable, "checks": checks}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    def model_card(route: Route, name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": state.started, "owned_by": "appliance"}
+
+    @app.get("/v1/models")
+    async def list_models() -> JSONResponse:
+        data = [
+            model_card(r, name)
+            for r in state.catalog.routes
+            if state.available(r)
+            for name in (r.name, *r.aliases)
+        ]
+        return JSONResponse({"object": "list", "data": data})
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> JSONResponse:
+        route = state.catalog.route(model_id)
+        if route is None or not state.available(route):
+            raise model_not_found(model_id)
+        return JSONResponse(model_card(route, model_id))
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> Response:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
+        param = ".".join(loc) or None
+        message = f"Invalid '{param}': {first['msg']}." if param else f"Invalid request: {first['msg']}."
+        return APIError(400, message, param=param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        message = exc.detail if isinstance(exc.detail, str) else "Request failed."
+        if exc.status_code == 404:
+            message = f"Unknown path {request.url.path}."
+        elif exc.status_code == 405:
+            message = f"Method {request.method} is not allowed on {request.url.path}."
+        return APIError(exc.status_code, message).response()

@@ -1,0 +1,79 @@
+"""The model catalog (`models/catalog.toml`): public names, their local engines and cloud ids.
+
+Read with the standard library only, so that the planner and Ansible's GPU check can use it on hosts
+that have nothing else installed yet.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_PACKAGED = Path(__file__).with_name("catalog.toml")  # inside a built wheel
+_SOURCE = Path(__file__).resolve().parents[1] / "models" / "catalog.toml"  # in a checkout
+
+
+@dataclass(frozen=True)
+class Route:
+    """A public model name and where it can be served, best first."""
+
+    name: str
+    kind: str  # "llm", "stt" or "tts"
+    aliases: tuple[str, ...] = ()
+    local: tuple[str, ...] = ()  # catalog model ids, in order of preference
+    cloud: str | None = None  # NVIDIA cloud model id, if the cloud serves it
+
+
+@dataclass(frozen=True)
+class CatalogModel:
+    """One deployable model artifact: what a local engine loads."""
+
+    id: str
+    kind: str
+    engine: str  # "vllm", "faster-whisper" or "nim"
+    params: dict[str, Any] = field(default_factory=dict)  # sizes, engine arguments, sources
+
+
+@dataclass
+class Catalog:
+    routes: tuple[Route, ...]
+    models: dict[str, CatalogModel]
+    by_name: dict[str, Route] = field(init=False)  # public names and aliases
+
+    def __post_init__(self) -> None:
+        self.by_name = {name: r for r in self.routes for name in (r.name, *r.aliases)}
+
+    def route(self, name: str) -> Route | None:
+        return self.by_name.get(name)
+
+    def routes_of_kind(self, kind: str) -> list[Route]:
+        return [r for r in self.routes if r.kind == kind]
+
+
+def catalog_path() -> Path:
+    return _PACKAGED if _PACKAGED.is_file() else _SOURCE
+
+
+def parse_catalog(data: dict[str, Any]) -> Catalog:
+    routes = tuple(
+        Route(
+            name=r["name"],
+            kind=r["kind"],
+            aliases=tuple(r.get("aliases", ())),
+            local=tuple(r.get("local", ())),
+            cloud=r.get("cloud"),
+        )
+        for r in data.get("route", [])
+    )
+    models = {}
+    for m in data.get("model", []):
+        params = {k: v for k, v in m.items() if k not in ("id", "kind", "engine")}
+        models[m["id"]] = CatalogModel(id=m["id"], kind=m["kind"], engine=m["engine"], params=params)
+    return Catalog(routes=routes, models=models)
+
+
+def load_catalog(path: Path | None = None) -> Catalog:
+    with open(path or catalog_path(), "rb") as f:
+        return parse_catalog(tomllib.load(f))

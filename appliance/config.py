@@ -1,0 +1,173 @@
+"""Configuration: environment variables (pydantic-settings) over an optional YAML file.
+
+The environment always wins over the file, so an admin can override one value without editing it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+FallbackPolicy = Literal["never", "on_failure", "on_overload"]
+
+DEFAULT_DATA_DIR = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "appliance"
+
+
+class ConfigError(Exception):
+    """Configuration that cannot be used; the message is one line naming the bad setting."""
+
+
+class ModelOverride(BaseModel):
+    """Per-public-model settings from the YAML file (`models: {name: {...}}`)."""
+
+    cloud_fallback: FallbackPolicy | None = None
+
+
+def is_loopback_host(host: str | None) -> bool:
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _env(name: str, default: Any = None, **constraints: Any) -> Any:
+    """A field read from the environment variable `name`, or from its field name in the YAML file."""
+    alias = AliasChoices(name, name.lower().removeprefix("appliance_"))
+    if callable(default):
+        return Field(default_factory=default, validation_alias=alias, **constraints)
+    return Field(default=default, validation_alias=alias, **constraints)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(extra="forbid", populate_by_name=True, case_sensitive=False)
+
+    # Cloud (NVIDIA NIM).
+    nvidia_nim_api_key: SecretStr | None = _env("NVIDIA_NIM_API_KEY")
+    nvidia_nim_base_url: str = _env("NVIDIA_NIM_BASE_URL", "https://integrate.api.nvidia.com/v1")
+    cloud_fallback: FallbackPolicy | None = _env("APPLIANCE_CLOUD_FALLBACK")
+    models: dict[str, ModelOverride] = _env("APPLIANCE_MODELS", dict)
+
+    # Local engines.
+    llm_url: str = _env("APPLIANCE_LLM_URL", "http://127.0.0.1:8000/v1")
+    tts_url: str = _env("APPLIANCE_TTS_URL", "http://127.0.0.1:9000")
+    stt_model: str = _env("APPLIANCE_STT_MODEL", "large-v3")
+    data_dir: Path = _env("APPLIANCE_DATA_DIR", DEFAULT_DATA_DIR)
+
+    # Clients.
+    api_keys: SecretStr | None = _env("APPLIANCE_API_KEYS")  # comma-separated
+    keys_file: Path | None = _env("APPLIANCE_KEYS_FILE")
+    max_body_bytes: int = _env("APPLIANCE_MAX_BODY_BYTES", 4 * 1024 * 1024, gt=0)
+
+    # Upstream timing (seconds) and resilience.
+    connect_timeout: float = _env("APPLIANCE_CONNECT_TIMEOUT", 3.0, gt=0)
+    first_byte_timeout: float = _env("APPLIANCE_FIRST_BYTE_TIMEOUT", 120.0, gt=0)
+    stream_idle_timeout: float = _env("APPLIANCE_STREAM_IDLE_TIMEOUT", 60.0, gt=0)
+    retry_after_max: float = _env("APPLIANCE_RETRY_AFTER_MAX", 2.0, ge=0)
+    breaker_failures: int = _env("APPLIANCE_BREAKER_FAILURES", 3, ge=1)
+    breaker_probe_interval: float = _env("APPLIANCE_BREAKER_PROBE_INTERVAL", 5.0, gt=0)
+    overload_waiting: int = _env("APPLIANCE_OVERLOAD_WAITING", 16, ge=1)
+    overload_poll_interval: float = _env("APPLIANCE_OVERLOAD_POLL_INTERVAL", 1.0, gt=0)
+
+    log_level: Literal["debug", "info", "warning", "error"] = _env("APPLIANCE_LOG_LEVEL", "info")
+
+    @field_validator("log_level", "cloud_fallback", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("nvidia_nim_base_url", "llm_url", "tts_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http(s) URL")
+        return value.rstrip("/")
+
+    @field_validator("nvidia_nim_base_url")
+    @classmethod
+    def _cloud_https(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme != "https" and not is_loopback_host(parts.hostname):
+            raise ValueError("must be https (plain http is allowed only for a loopback host)")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+        config_file = _CONFIG_FILE.get("path")
+        if config_file is not None:
+            sources += (YamlConfigSettingsSource(settings_cls, yaml_file=config_file),)
+        return sources
+
+    # Derived values.
+
+    def fallback_policy(self, public_name: str, kind_default: FallbackPolicy) -> FallbackPolicy:
+        """The cloud policy for one public model: per-model override, then global, then the kind's default."""
+        override = self.models.get(public_name)
+        if override is not None and override.cloud_fallback is not None:
+            return override.cloud_fallback
+        return self.cloud_fallback or kind_default
+
+    @property
+    def client_keys(self) -> list[str]:
+        raw = self.api_keys.get_secret_value() if self.api_keys else ""
+        return [k.strip() for k in raw.split(",") if k.strip()]
+
+    @property
+    def cloud_enabled(self) -> bool:
+        return self.nvidia_nim_api_key is not None and bool(self.nvidia_nim_api_key.get_secret_value())
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def resolved_keys_file(self) -> Path:
+        return self.keys_file or self.data_dir / "keys"
+
+
+# The YAML path is chosen at load time; pydantic-settings builds sources per class, so pass it aside.
+_CONFIG_FILE: dict[str, Path | None] = {"path": None}
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Read settings; raise ConfigError with one line naming the first bad setting."""
+    path = config_file or os.environ.get("APPLIANCE_CONFIG") or None
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"APPLIANCE_CONFIG: no such file: {path}")
+    _CONFIG_FILE["path"] = path
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "configuration"
+        # Never echo the value: it may be a key.
+        raise ConfigError(f"invalid setting {where}: {err['msg']}") from None
+    except Exception as exc:  # YAML syntax errors and the like
+        raise ConfigError(f"cannot read configuration {path}: {type(exc).__name__}: {exc}") from None
+    finally:
+        _CONFIG_FILE["path"] = None

@@ -1,0 +1,115 @@
+"""The ASGI layer every request crosses: request id, client auth, the access log, last-resort errors.
+
+Written as plain ASGI (not Starlette's BaseHTTPMiddleware) because it sits on the hot path.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from appliance.auth import KeyStore
+from appliance.errors import APIError
+from appliance.log import event, logger
+
+# Paths that need no client key: liveness, readiness and metrics carry no request content.
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+class RequestContext:
+    """Per-request facts for the access log; handlers fill in what they learn (model, target, usage)."""
+
+    __slots__ = ("completion_tokens", "key_id", "model", "prompt_tokens", "request_id", "target")
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.key_id: str | None = None
+        self.model: str | None = None
+        self.target: str | None = None
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
+
+
+def request_context(scope: Scope) -> RequestContext:
+    return scope["state"]["ctx"]
+
+
+def _bearer(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    return None
+
+
+class GatewayMiddleware:
+    def __init__(self, app: ASGIApp, keys: KeyStore) -> None:
+        self.app = app
+        self.keys = keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        ctx = RequestContext(secrets.token_hex(12))
+        scope.setdefault("state", {})["ctx"] = ctx
+        rid = ctx.request_id.encode()
+        status = 0
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid)]
+            await send(message)
+
+        try:
+            error = self._authenticate(scope, ctx)
+            if error is not None:
+                await error.response()(scope, receive, send_with_id)
+            else:
+                await self.app(scope, receive, send_with_id)
+        except Exception:
+            logger.error("unhandled error", exc_info=True, extra={"fields": {"request_id": ctx.request_id}})
+            if status == 0:  # nothing sent yet: answer in OpenAI's shape, without internals
+                await APIError(500, "Internal error in the appliance gateway.").response()(
+                    scope, receive, send_with_id
+                )
+        finally:
+            self._log(scope, ctx, status, started)
+
+    def _authenticate(self, scope: Scope, ctx: RequestContext) -> APIError | None:
+        if scope["path"] in OPEN_PATHS:
+            return None
+        token = _bearer(scope)
+        if token is None:
+            return APIError(
+                401, "Missing API key: send 'Authorization: Bearer <key>'.", code="missing_api_key"
+            )
+        ctx.key_id = self.keys.authenticate(token)
+        if ctx.key_id is None:
+            return APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+        return None
+
+    @staticmethod
+    def _log(scope: Scope, ctx: RequestContext, status: int, started: float) -> None:
+        if not logger.isEnabledFor(logging.INFO) or scope["path"] in OPEN_PATHS:
+            return
+        fields: dict[str, Any] = {
+            "request_id": ctx.request_id,
+            "key_id": ctx.key_id,
+            "method": scope["method"],
+            "path": scope["path"],
+            "status": status,
+            "latency_ms": round((time.perf_counter() - started) * 1000, 2),
+        }
+        for name in ("model", "target", "prompt_tokens", "completion_tokens"):
+            value = getattr(ctx, name)
+            if value is not None:
+                fields[name] = value
+        event("request", **fields)

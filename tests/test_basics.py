@@ -1,0 +1,134 @@
+"""What every route shares: liveness, auth, OpenAI-shaped errors, request ids, configuration errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.harness import REPO, clean_env
+from tests.openapi import validate
+
+
+def test_healthz_needs_no_key_and_carries_request_id(start_gateway):
+    gw = start_gateway()
+    r = httpx.get(gw.url + "/healthz")
+    assert r.status_code == 200
+    assert r.json() == {"status": "ok"}
+    assert len(r.headers["x-request-id"]) >= 16
+
+
+def test_missing_and_wrong_key_are_openai_shaped_401(start_gateway):
+    gw = start_gateway()
+    r = httpx.get(gw.base_url + "/models")
+    assert r.status_code == 401
+    validate("ErrorResponse", r.json())
+    assert r.json()["error"]["code"] == "missing_api_key"
+    assert "x-request-id" in r.headers
+    with pytest.raises(openai.AuthenticationError) as exc:
+        gw.client(api_key="sk-wrong").models.list()
+    assert exc.value.status_code == 401
+    assert "sk-wrong" not in gw.logs()
+
+
+def test_unknown_path_and_method_are_openai_shaped(start_gateway):
+    gw = start_gateway()
+    with gw.http() as http:
+        r = http.get("/v1/nothing-here")
+        assert r.status_code == 404
+        validate("ErrorResponse", r.json())
+        r = http.delete("/v1/models")
+        assert r.status_code == 405
+        validate("ErrorResponse", r.json())
+
+
+def test_unknown_model_is_404(start_gateway):
+    gw = start_gateway()
+    with pytest.raises(openai.NotFoundError) as exc:
+        gw.client().models.retrieve("no-such-model")
+    assert exc.value.body["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        ({"APPLIANCE_CLOUD_FALLBACK": "sometimes"}, "APPLIANCE_CLOUD_FALLBACK"),
+        ({"NVIDIA_NIM_BASE_URL": "http://cloud.example.com/v1"}, "NVIDIA_NIM_BASE_URL"),
+        ({"APPLIANCE_CONNECT_TIMEOUT": "soon"}, "APPLIANCE_CONNECT_TIMEOUT"),
+        ({"APPLIANCE_CONFIG": "/nonexistent/appliance.yaml"}, "APPLIANCE_CONFIG"),
+    ],
+)
+def test_invalid_configuration_is_one_clear_line(env, names):
+    proc = subprocess.run(
+        [sys.executable, "-m", "appliance", "serve", "--port", "1"],
+        env=clean_env(APPLIANCE_API_KEYS="k", **env),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert names in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_yaml_file_with_unknown_setting_names_it(tmp_path):
+    config = tmp_path / "appliance.yaml"
+    config.write_text("cloud_fallback: never\nllm_ulr: http://127.0.0.1:8000/v1\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "appliance", "serve", "--config", str(config)],
+        env=clean_env(APPLIANCE_API_KEYS="k"),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "llm_ulr" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_serve_without_any_client_key_refuses_to_start(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "appliance", "serve"],
+        env=clean_env(APPLIANCE_DATA_DIR=str(tmp_path)),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert "appliance keys add" in proc.stderr
+
+
+def test_keys_file_holds_only_hashes_and_is_reloaded(start_gateway, tmp_path):
+    env = clean_env(APPLIANCE_DATA_DIR=str(tmp_path / "keys-data"))
+
+    def keys(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "appliance", "keys", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=60,
+        )
+
+    key = keys("add", "teacher-app").stdout.strip()
+    assert key.startswith("sk-appliance-")
+    stored = (tmp_path / "keys-data" / "keys").read_text()
+    assert key not in stored and "teacher-app sha256:" in stored
+    assert keys("add", "teacher-app").returncode == 1
+    assert keys("list").stdout.split() == ["teacher-app"]
+
+    gw = start_gateway(APPLIANCE_DATA_DIR=str(tmp_path / "keys-data"), APPLIANCE_API_KEYS="")
+    assert gw.client(api_key=key).models.list().object == "list"
+    assert keys("remove", "teacher-app").returncode == 0
+    time.sleep(2.5)  # the gateway re-reads the keys file at most every 2 s
+    with pytest.raises(openai.AuthenticationError):
+        gw.client(api_key=key).models.list()
