@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import CLIENT_KEY, BackgroundLoop, Gateway, clean_env
+from tests.sims.openai_upstream import OpenAIUpstream
 
 
 @pytest.fixture(scope="session")
@@ -36,3 +37,24 @@ def start_gateway(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
     yield start
     for gateway in started:
         gateway.stop()
+
+
+LOCAL_MODELS = ("nvidia/NVIDIA-Nemotron-3-Nano-4B-FP8", "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-FP8")
+CLOUD_MODELS = ("nvidia/nemotron-mini-4b-instruct", "nvidia/nemotron-3-nano-30b-a3b")
+CLOUD_KEY = "nvapi-test-cloud-key-do-not-log-7f3a9c"
+
+
+@pytest.fixture
+def local_llm(bg_loop: BackgroundLoop) -> Iterator[OpenAIUpstream]:
+    """A simulated vLLM serving both local Nemotron models."""
+    sim = bg_loop.run(OpenAIUpstream("vllm", LOCAL_MODELS).start())
+    yield sim
+    bg_loop.run(sim.stop())
+
+
+@pytest.fixture
+def cloud_llm(bg_loop: BackgroundLoop) -> Iterator[OpenAIUpstream]:
+    """A simulated NVIDIA cloud NIM endpoint that accepts CLOUD_KEY."""
+    sim = bg_loop.run(OpenAIUpstream("cloud", CLOUD_MODELS, api_key=CLOUD_KEY).start())
+    yield sim
+    bg_loop.run(sim.stop())

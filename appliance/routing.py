@@ -1,0 +1,205 @@
+"""LLM routing: for a public model name, the ordered targets to try (local vLLM, then NVIDIA's cloud).
+
+The order follows the school's policy (`never`, `on_failure`, `on_overload`), skips targets whose
+breaker is open, and uses what the local engine reports about itself: which model ids it serves
+(`/v1/models`) and how long its queue is (`vllm:num_requests_waiting` on `/metrics`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from time import time
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from appliance.breaker import CircuitBreaker
+from appliance.catalog import Catalog, Route
+from appliance.config import Settings
+from appliance.log import event
+
+PROBE_TIMEOUT = aiohttp.ClientTimeout(total=3)
+SERVED_REFRESH_TICKS = 10  # re-read the served model list every this many load polls
+
+
+@dataclass
+class Target:
+    """One OpenAI-protocol upstream."""
+
+    name: str  # "local" or "cloud"
+    base_url: str  # ends in /v1
+    headers: dict[str, str]
+    breaker: CircuitBreaker
+
+    @property
+    def is_cloud(self) -> bool:
+        return self.name == "cloud"
+
+
+@dataclass(frozen=True)
+class Attempt:
+    target: Target
+    model: str  # the model id this target knows the public name by
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or HTTP-date); None if absent or unreadable."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time())
+    except (TypeError, ValueError):
+        return None
+
+
+class LLMRouter:
+    def __init__(
+        self, settings: Settings, catalog: Catalog, http: Callable[[], aiohttp.ClientSession]
+    ) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self._http = http
+        self.served: set[str] | None = None  # None until the local engine has answered /v1/models
+        self.waiting: float | None = None
+        self._task: asyncio.Task[None] | None = None
+
+        json_headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+        self.local = Target(
+            "local", settings.llm_url, json_headers, self._breaker("local", self._probe_local)
+        )
+        self.cloud: Target | None = None
+        if settings.cloud_enabled:
+            key = settings.nvidia_nim_api_key.get_secret_value()  # type: ignore[union-attr]
+            self.cloud = Target(
+                "cloud",
+                settings.nvidia_nim_base_url,
+                {**json_headers, "Authorization": f"Bearer {key}"},
+                self._breaker("cloud", self._probe_cloud),
+            )
+        self.watch_load = any(self.policy(r) == "on_overload" for r in catalog.routes_of_kind("llm"))
+
+    def _breaker(self, name: str, probe: Callable[[], object]) -> CircuitBreaker:
+        s = self.settings
+        return CircuitBreaker(name, s.breaker_failures, s.breaker_probe_interval, probe)  # type: ignore[arg-type]
+
+    def policy(self, route: Route) -> str:
+        return self.settings.fallback_policy(route.name, "on_failure")
+
+    @property
+    def overloaded(self) -> bool:
+        return self.waiting is not None and self.waiting >= self.settings.overload_waiting
+
+    def local_model(self, route: Route) -> str | None:
+        """The local model id for a route: the first candidate the engine serves (or would, before it
+        has said what it serves)."""
+        if not route.local:
+            return None
+        if self.served is None:
+            return route.local[0]
+        return next((m for m in route.local if m in self.served), None)
+
+    def candidates(self, route: Route) -> list[Attempt]:
+        """Every target the policy allows for a route, in order, breakers not considered."""
+        policy = self.policy(route)
+        local_id = self.local_model(route)
+        local = [Attempt(self.local, local_id)] if local_id else []
+        if self.cloud is None or route.cloud is None or policy == "never":
+            return local
+        cloud = [Attempt(self.cloud, route.cloud)]
+        if policy == "on_overload" and self.overloaded:
+            return cloud + local
+        return local + cloud
+
+    def attempts(self, route: Route) -> list[Attempt]:
+        return [a for a in self.candidates(route) if a.target.breaker.allows()]
+
+    def available(self, route: Route) -> bool:
+        return bool(self.attempts(route))
+
+    # Background: what the local engine serves and how loaded it is.
+
+    async def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._watch())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for target in (self.local, self.cloud):
+            if target is not None:
+                await target.breaker.close()
+
+    async def _watch(self) -> None:
+        tick = 0
+        while True:
+            if self.served is None or tick % SERVED_REFRESH_TICKS == 0:
+                await self._refresh_served()
+            if self.watch_load:
+                await self._refresh_load()
+            tick += 1
+            await asyncio.sleep(self.settings.overload_poll_interval)
+
+    async def _refresh_served(self) -> None:
+        try:
+            async with self._http().get(f"{self.local.base_url}/models", timeout=PROBE_TIMEOUT) as resp:
+                if resp.status != 200:
+                    return
+                data = await resp.json()
+            served = {m["id"] for m in data.get("data", []) if isinstance(m, dict) and "id" in m}
+        except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError):
+            return
+        if served != self.served:
+            event("local models", served=sorted(served))
+        self.served = served
+
+    async def _refresh_load(self) -> None:
+        root = self.local.base_url.removesuffix("/v1")
+        try:
+            async with self._http().get(f"{root}/metrics", timeout=PROBE_TIMEOUT) as resp:
+                text = await resp.text() if resp.status == 200 else ""
+        except (aiohttp.ClientError, TimeoutError):
+            text = ""
+        self.waiting = waiting_requests(text) if text else None
+
+    async def _probe_local(self) -> bool:
+        root = self.local.base_url.removesuffix("/v1")
+        async with self._http().get(f"{root}/health", timeout=PROBE_TIMEOUT) as resp:
+            return resp.status == 200
+
+    async def _probe_cloud(self) -> bool:
+        assert self.cloud is not None
+        url = f"{self.cloud.base_url}/models"
+        async with self._http().get(url, headers=self.cloud.headers, timeout=PROBE_TIMEOUT) as resp:
+            return resp.status == 200
+
+    def readiness(self) -> dict[str, object]:
+        targets: dict[str, object] = {
+            "local": {
+                "url": self.local.base_url,
+                "served_models": sorted(self.served or ()),
+                "requests_waiting": self.waiting,
+                **self.local.breaker.status(),
+            },
+        }
+        if self.cloud is not None:
+            targets["cloud"] = {"url": self.cloud.base_url, **self.cloud.breaker.status()}
+        ready = any(self.available(r) for r in self.catalog.routes_of_kind("llm"))
+        return {"ready": ready, "overloaded": self.overloaded, "targets": targets}
+
+
+def waiting_requests(metrics_text: str) -> float | None:
+    """Sum of `vllm:num_requests_waiting` over all engines and models in a Prometheus text page."""
+    total = None
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name == "vllm:num_requests_waiting":
+            total = sum(sample.value for sample in family.samples)
+    return total

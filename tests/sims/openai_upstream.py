@@ -1,0 +1,301 @@
+"""Simulators of the two OpenAI-protocol upstreams: a local vLLM server and NVIDIA's cloud NIM.
+
+Real HTTP servers on loopback that follow the documented protocols: OpenAI request/response bodies,
+SSE framing (`data: {...}` events, `data: [DONE]`), vLLM's `/health`, `/v1/models` and Prometheus
+`/metrics`, the cloud's Bearer auth and `reasoning_content`, error bodies and `Retry-After`. Tests
+command failures with `fail(...)`: refuse connections, reset, 5xx, 429, slow or stalled answers, and
+streams that drop midway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+FAILURE = web.RequestKey("failure", object)
+REPLY = "Your sentence is correct. Well done!"
+REASONING = "The user wants a check. The sentence has no errors."
+
+
+@dataclass
+class Failure:
+    """One commanded failure. `times=None` lasts until `clear()`."""
+
+    mode: str  # "reset", "500", "503", "429", "slow", "stall", "drop", "401"
+    times: int | None = None
+    retry_after: str | None = None  # for 429
+    delay: float = 0.0  # for slow
+    after_chunks: int = 2  # for drop / stall in a stream
+
+
+@dataclass
+class Seen:
+    path: str
+    body: dict[str, Any]
+    headers: dict[str, str]
+    at: float = field(default_factory=time.monotonic)
+
+
+class OpenAIUpstream:
+    """flavor "vllm": no auth, reasoning under `reasoning`, /health and /metrics.
+    flavor "cloud": Bearer key required, reasoning under `reasoning_content`."""
+
+    def __init__(
+        self, flavor: str = "vllm", models: tuple[str, ...] = (), api_key: str | None = None
+    ) -> None:
+        self.flavor = flavor
+        self.models = list(models)
+        self.api_key = api_key
+        self.reasoning_models = {m for m in models if "30b" in m.lower() or "nano" in m.lower()}
+        self.seen: list[Seen] = []
+        self.failures: list[Failure] = []
+        self.waiting = 0  # vllm:num_requests_waiting
+        self.chunk_delay = 0.0
+        self.healthy = True
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+
+    # Lifecycle (call through the test's BackgroundLoop).
+
+    async def start(self, port: int = 0) -> OpenAIUpstream:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_get("/v1/models", self._models)
+        if self.flavor == "vllm":
+            app.router.add_get("/health", self._health)
+            app.router.add_get("/metrics", self._metrics)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.2)
+        await self._runner.setup()
+        self._site = web.TCPSite(self._runner, "127.0.0.1", port or self.port)
+        await self._site.start()
+        self.port = self._site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def stop(self) -> None:
+        """Stop listening: new connections are refused (the port stays reserved for `start()`)."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    # Commands.
+
+    def fail(self, mode: str, times: int | None = None, **kw: Any) -> None:
+        self.failures.append(Failure(mode, times, **kw))
+
+    def clear(self) -> None:
+        self.failures.clear()
+
+    def served_paths(self) -> list[str]:
+        return [s.path for s in self.seen]
+
+    def _next_failure(self) -> Failure | None:
+        if not self.failures:
+            return None
+        failure = self.failures[0]
+        if failure.times is not None:
+            failure.times -= 1
+            if failure.times <= 0:
+                self.failures.pop(0)
+        return failure
+
+    # Protocol.
+
+    def _error(
+        self, status: int, message: str, type_: str, headers: dict[str, str] | None = None
+    ) -> web.Response:
+        if self.flavor == "cloud" and status in (401, 403):
+            # NVIDIA's API gateway answers auth failures in RFC 7807 shape, not OpenAI's.
+            body = {
+                "status": status,
+                "title": "Unauthorized" if status == 401 else "Forbidden",
+                "detail": message,
+            }
+        else:
+            body = {"error": {"message": message, "type": type_, "param": None, "code": status}}
+            if self.flavor == "vllm":
+                body = {"object": "error", "message": message, "type": type_, "param": None, "code": status}
+        return web.json_response(body, status=status, headers=headers)
+
+    async def _read(self, request: web.Request) -> tuple[dict[str, Any] | None, web.StreamResponse | None]:
+        """Parse and check a request; on any commanded failure before the answer, return it."""
+        if self.flavor == "cloud":
+            auth = request.headers.get("Authorization", "")
+            if self.api_key is None or auth != f"Bearer {self.api_key}":
+                return None, self._error(401, "Authentication failed", "unauthorized")
+        try:
+            body = await request.json(loads=orjson.loads)
+        except ValueError:
+            return None, self._error(400, "Invalid JSON body", "BadRequestError")
+        self.seen.append(Seen(request.path, body, dict(request.headers)))
+        failure = self._next_failure()
+        mid_stream = failure is not None and failure.mode in ("drop", "stall") and bool(body.get("stream"))
+        if failure is not None and not mid_stream:
+            early = await self._fail_early(request, failure)
+            if early is not None:
+                return None, early
+        if body.get("model") not in self.models:
+            return None, self._error(404, f"The model `{body.get('model')}` does not exist.", "NotFoundError")
+        request[FAILURE] = failure if mid_stream else None
+        return body, None
+
+    async def _fail_early(self, request: web.Request, failure: Failure) -> web.StreamResponse | None:
+        if failure.mode in ("reset", "drop"):
+            request.transport.abort()  # type: ignore[union-attr]
+            return web.Response(status=500)  # never reaches the client: the connection is gone
+        if failure.mode in ("500", "502", "503"):
+            return self._error(int(failure.mode), "Engine failure", "InternalServerError")
+        if failure.mode in ("400", "422"):
+            return self._error(
+                int(failure.mode), "This model's maximum context length is 4096 tokens.", "BadRequestError"
+            )
+        if failure.mode == "401":
+            return self._error(401, "Authentication failed", "unauthorized")
+        if failure.mode == "429":
+            headers = {"Retry-After": failure.retry_after} if failure.retry_after else None
+            return self._error(429, "Too many requests", "rate_limit_exceeded", headers)
+        if failure.mode == "slow":
+            await asyncio.sleep(failure.delay)
+        if failure.mode == "stall":
+            await asyncio.sleep(3600)
+        return None
+
+    def _reasoning_key(self) -> str:
+        return "reasoning" if self.flavor == "vllm" else "reasoning_content"
+
+    def _thinks(self, body: dict[str, Any]) -> bool:
+        kwargs = body.get("chat_template_kwargs") or {}
+        return body["model"] in self.reasoning_models and kwargs.get("enable_thinking", True) is not False
+
+    def _usage(self, completion_tokens: int) -> dict[str, int]:
+        return {
+            "prompt_tokens": 12,
+            "completion_tokens": completion_tokens,
+            "total_tokens": 12 + completion_tokens,
+        }
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body, error = await self._read(request)
+        if error is not None:
+            return error
+        assert body is not None
+        if not isinstance(body.get("messages"), list) or not body["messages"]:
+            return self._error(400, "messages must be a non-empty list", "BadRequestError")
+        reply = f"{REPLY} [{self.flavor}]"
+        thinking = REASONING if self._thinks(body) else None
+        if body.get("stream"):
+            return await self._stream_chat(request, body, reply, thinking)
+        message: dict[str, Any] = {"role": "assistant", "content": reply, "refusal": None, "tool_calls": []}
+        if thinking is not None:
+            message[self._reasoning_key()] = thinking
+        return web.json_response(
+            {
+                "id": f"chatcmpl-{uuid.uuid4().hex}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body["model"],
+                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
+                "usage": self._usage(len(reply.split())),
+            },
+            dumps=lambda o: orjson.dumps(o).decode(),
+        )
+
+    async def _stream_chat(
+        self, request: web.Request, body: dict[str, Any], reply: str, thinking: str | None
+    ) -> web.StreamResponse:
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+            return {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": body["model"],
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            }
+
+        deltas: list[dict[str, Any]] = [{"role": "assistant", "content": ""}]
+        if thinking:
+            deltas += [{self._reasoning_key(): w + " "} for w in thinking.split()]
+        deltas += [{"content": w + " "} for w in reply.split()]
+        chunks = [chunk(d) for d in deltas] + [chunk({}, "stop")]
+        if (body.get("stream_options") or {}).get("include_usage"):
+            chunks.append({**chunk({}), "choices": [], "usage": self._usage(len(reply.split()))})
+        return await self._send_sse(request, chunks)
+
+    async def _send_sse(self, request: web.Request, chunks: list[dict[str, Any]]) -> web.StreamResponse:
+        failure: Failure | None = request[FAILURE]
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        for i, c in enumerate(chunks):
+            if failure is not None and i == failure.after_chunks:
+                if failure.mode == "drop":
+                    request.transport.abort()  # type: ignore[union-attr]
+                    return resp
+                if failure.mode == "stall":
+                    await asyncio.sleep(3600)
+            await resp.write(b"data: " + orjson.dumps(c) + b"\n\n")
+            if self.chunk_delay:
+                await asyncio.sleep(self.chunk_delay)
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        body, error = await self._read(request)
+        if error is not None:
+            return error
+        assert body is not None
+        if not isinstance(body.get("prompt"), str | list):
+            return self._error(400, "prompt must be a string or a list", "BadRequestError")
+        text = f" continued [{self.flavor}]"
+        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def choice(t: str, finish: str | None) -> dict[str, Any]:
+            return {"index": 0, "text": t, "logprobs": None, "finish_reason": finish}
+
+        base = {"id": cid, "object": "text_completion", "created": created, "model": body["model"]}
+        if body.get("stream"):
+            chunks = [{**base, "choices": [choice(w + " ", None)]} for w in text.split()]
+            chunks.append({**base, "choices": [choice("", "length")]})
+            return await self._send_sse(request, chunks)
+        return web.json_response(
+            {**base, "choices": [choice(text, "length")], "usage": self._usage(len(text.split()))},
+            dumps=lambda o: orjson.dumps(o).decode(),
+        )
+
+    async def _models(self, request: web.Request) -> web.Response:
+        if self.flavor == "cloud" and request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            return self._error(401, "Authentication failed", "unauthorized")
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": self.flavor} for m in self.models]
+        return web.json_response({"object": "list", "data": data})
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200 if self.healthy else 503)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        lines = [
+            "# HELP vllm:num_requests_running Number of requests in model execution batches.",
+            "# TYPE vllm:num_requests_running gauge",
+        ]
+        lines += [f'vllm:num_requests_running{{engine="0",model_name="{m}"}} 1.0' for m in self.models]
+        lines += [
+            "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.",
+            "# TYPE vllm:num_requests_waiting gauge",
+        ]
+        lines += [
+            f'vllm:num_requests_waiting{{engine="0",model_name="{m}"}} {float(self.waiting)}'
+            for m in self.models
+        ]
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
