@@ -19,7 +19,7 @@ from appliance.auth import KeyStore
 from appliance.catalog import Catalog, Route, load_catalog
 from appliance.config import Settings
 from appliance.errors import APIError, model_not_found
-from appliance.middleware import GatewayMiddleware
+from appliance.middleware import FastHandler, GatewayMiddleware
 
 Check = Callable[[], dict[str, Any]]
 
@@ -37,6 +37,8 @@ class AppState:
     readiness: dict[str, Check] = field(default_factory=dict)
     # kind ("llm", "stt", "tts") -> whether a route of that kind can be served now.
     availability: dict[str, Callable[[Route], bool]] = field(default_factory=dict)
+    # (method, path) -> handler served before the framework's stack (the relay's hot path).
+    fast_routes: dict[tuple[str, str], FastHandler] = field(default_factory=dict)
     startup: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
@@ -64,7 +66,8 @@ def new_http_client(settings: Settings) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings) -> GatewayMiddleware:
+    """The ASGI app to serve: the gateway layer around the FastAPI app (`.app`)."""
     state = AppState(
         settings=settings,
         catalog=load_catalog(),
@@ -89,8 +92,7 @@ def create_app(settings: Settings) -> FastAPI:
     for install in _feature_installers():
         install(app, state)
     _install_error_handlers(app)
-    app.add_middleware(GatewayMiddleware, keys=state.keys)
-    return app
+    return GatewayMiddleware(app, keys=state.keys, fast_routes=state.fast_routes)
 
 
 def _feature_installers() -> list[Callable[[FastAPI, AppState], None]]:

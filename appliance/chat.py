@@ -380,6 +380,6 @@ def install(app: FastAPI, state: AppState) -> None:
     async def completions(request: Request) -> Response:
         return await relay(request, "completions")
 
-    # Plain Starlette routes: no dependency injection or response models on the hot path.
-    app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
-    app.add_route("/v1/completions", completions, methods=["POST"])
+    for path, handler in (("/v1/chat/completions", chat_completions), ("/v1/completions", completions)):
+        state.fast_routes[("POST", path)] = handler
+        app.add_route(path, handler, methods=["POST"])  # so other methods get a 405 from the framework

@@ -1,0 +1,207 @@
+"""The gateway's cost, measured in one run: the same fast upstream called directly and through the
+gateway (one uvicorn worker, same machine), reported as ratios and added latency.
+
+    python -m tests.bench.benchmark [--seconds 5] [--only llm,stt,tts]
+
+Non-streaming chat uses `wrk` (Debian package `wrk`) at 1, 32 and 256 connections; streaming uses
+500 concurrent SSE streams from an aiohttp client, measuring time to first token and inter-chunk delay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import aiohttp
+import httpx
+
+from tests.harness import CLIENT_KEY, REPO, clean_env, free_port
+
+MODEL = "nvidia/nemotron-mini-4b-instruct"
+BODY = '{"model":"' + MODEL + '","messages":[{"role":"user","content":"Is this sentence right?"}]}'
+STREAM_BODY = BODY[:-1] + ',"stream":true}'
+UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def wait_http(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer")
+
+
+@contextmanager
+def process(cmd: list[str], env: dict[str, str], ready_url: str) -> Iterator[None]:
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(ready_url)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@contextmanager
+def stack(chunks: int, interval: float) -> Iterator[tuple[str, str]]:
+    """A fast upstream and a gateway in front of it; yields (direct base URL, gateway base URL)."""
+    up, gw = free_port(), free_port()
+    env = clean_env()
+    upstream = [
+        sys.executable,
+        "-m",
+        "tests.bench.upstream",
+        str(up),
+        "--chunks",
+        str(chunks),
+        "--interval",
+        str(interval),
+    ]
+    with process(upstream, env, f"http://127.0.0.1:{up}/v1/models"):
+        gw_env = clean_env(
+            APPLIANCE_API_KEYS=CLIENT_KEY,
+            APPLIANCE_LLM_URL=f"http://127.0.0.1:{up}/v1",
+            APPLIANCE_DATA_DIR=tempfile.mkdtemp(),
+        )
+        gateway = [sys.executable, "-m", "appliance", "serve", "--port", str(gw)]
+        with process(gateway, gw_env, f"http://127.0.0.1:{gw}/healthz"):
+            yield f"http://127.0.0.1:{up}/v1", f"http://127.0.0.1:{gw}/v1"
+
+
+def wrk(url: str, connections: int, seconds: float) -> tuple[float, float, float]:
+    """(requests/s, p50 ms, p99 ms) for POST /chat/completions."""
+    script = Path(tempfile.mkstemp(suffix=".lua")[1])
+    script.write_text(
+        'wrk.method = "POST"\n'
+        f"wrk.body = '{BODY}'\n"
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        f'wrk.headers["Authorization"] = "Bearer {CLIENT_KEY}"\n'
+    )
+    threads = min(2, connections)
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t",
+            str(threads),
+            "-c",
+            str(connections),
+            "-d",
+            f"{max(1, round(seconds))}s",
+            "--latency",
+            "-s",
+            str(script),
+            f"{url}/chat/completions",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    script.unlink()
+    if "Non-2xx" in out:
+        raise RuntimeError(f"wrk saw errors:\n{out}")
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+
+    def pct(p: str) -> float:
+        value, unit = re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
+        return float(value) * UNITS[unit]
+
+    return rps, pct("50"), pct("99")
+
+
+async def streams(url: str, count: int) -> tuple[list[float], list[float]]:
+    """Time to first token and inter-chunk gaps (ms) over `count` concurrent streams."""
+    ttft: list[float] = []
+    gaps: list[float] = []
+    headers = {"Authorization": f"Bearer {CLIENT_KEY}", "Content-Type": "application/json"}
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as http:
+
+        async def one() -> None:
+            started = time.perf_counter()
+            async with http.post(f"{url}/chat/completions", data=STREAM_BODY, headers=headers) as resp:
+                resp.raise_for_status()
+                last = None
+                async for chunk in resp.content.iter_any():
+                    now = time.perf_counter()
+                    if b"data: {" not in chunk:
+                        continue
+                    if last is None:
+                        ttft.append((now - started) * 1000)
+                    else:
+                        gaps.append((now - last) * 1000)
+                    last = now
+
+        await asyncio.gather(*(one() for _ in range(count)))
+    return ttft, gaps
+
+
+def pctl(values: list[float], p: float) -> float:
+    return statistics.quantiles(values, n=100)[int(p) - 1] if len(values) > 1 else values[0]
+
+
+def llm_benchmark(seconds: float, stream_count: int) -> str:
+    rows = [
+        "| load | direct req/s | gateway req/s | ratio | direct p50 / p99 ms | gateway p50 / p99 ms "
+        "| added p50 / p99 ms |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    interval = 0.05
+    with stack(chunks=20, interval=interval) as (direct, gateway):
+        wrk(gateway, 8, 1)  # warm up connections and code paths
+        for connections in (1, 32, 256):
+            d_rps, d50, d99 = wrk(direct, connections, seconds)
+            g_rps, g50, g99 = wrk(gateway, connections, seconds)
+            rows.append(
+                f"| chat, {connections} conn | {d_rps:,.0f} | {g_rps:,.0f} | {g_rps / d_rps:.2f} "
+                f"| {d50:.2f} / {d99:.2f} | {g50:.2f} / {g99:.2f} | {g50 - d50:+.2f} / {g99 - d99:+.2f} |"
+            )
+        d_ttft, d_gaps = asyncio.run(streams(direct, stream_count))
+        g_ttft, g_gaps = asyncio.run(streams(gateway, stream_count))
+    rows += [
+        "",
+        f"| {stream_count} concurrent streams (20 chunks, {interval * 1000:.0f} ms apart) | direct | gateway "
+        "| added |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, d, g in (("time to first token", d_ttft, g_ttft), ("inter-chunk delay", d_gaps, g_gaps)):
+        for p in (50, 99):
+            dv, gv = pctl(d, p), pctl(g, p)
+            rows.append(f"| {name} p{p} (ms) | {dv:.2f} | {gv:.2f} | {gv - dv:+.2f} |")
+    return "\n".join(rows)
+
+
+def sections() -> dict[str, Callable[[argparse.Namespace], str]]:
+    return {"llm": lambda a: llm_benchmark(a.seconds, a.streams)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=float, default=5, help="duration of each wrk run")
+    parser.add_argument("--streams", type=int, default=500, help="concurrent streams")
+    parser.add_argument("--only", default=",".join(sections()), help="comma list of: " + ",".join(sections()))
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("benchmark: wrk is not installed (apt-get install wrk)")
+    print(f"# Gateway benchmark ({os.cpu_count()} cores, one uvicorn worker)\n")
+    for name in args.only.split(","):
+        print(f"## {name}\n\n{sections()[name](args)}\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()
