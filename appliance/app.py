@@ -19,6 +19,7 @@ from appliance.auth import KeyStore
 from appliance.catalog import Catalog, Route, load_catalog
 from appliance.config import Settings
 from appliance.errors import APIError, model_not_found
+from appliance.metrics import exposition
 from appliance.middleware import FastHandler, GatewayMiddleware
 
 Check = Callable[[], dict[str, Any]]
@@ -61,7 +62,9 @@ def app_state(request: Request) -> AppState:
 
 
 def new_http_client(settings: Settings) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
+    # Idle pooled connections are dropped before the engines' own keep-alive (uvicorn: 5 s) ends
+    # them, so a request rarely meets a connection the other side has just closed.
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=4)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout)
     return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
 
@@ -114,6 +117,11 @@ def _install_common_routes(app: FastAPI, state: AppState) -> None:
         ready = bool(servable)
         body = {"status": "ready" if ready else "unavailable", "servable": servable, "checks": checks}
         return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        body, content_type = exposition()
+        return Response(body, media_type=content_type)
 
     def model_card(route: Route, name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": state.started, "owned_by": "appliance"}

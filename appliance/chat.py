@@ -23,6 +23,7 @@ from appliance.app import AppState
 from appliance.errors import APIError, bad_request, error_body
 from appliance.limits import read_body
 from appliance.log import event
+from appliance.metrics import FALLBACKS, UPSTREAM_FAILURES
 from appliance.middleware import RequestContext, request_context
 from appliance.routing import Attempt, LLMRouter, Target, parse_retry_after
 
@@ -136,6 +137,7 @@ class Relay:
                 response = await self._try(attempt)
             except UpstreamFailure as failure:
                 target.breaker.failure(failure.reason)
+                UPSTREAM_FAILURES.labels(target.name).inc()
                 event(
                     "upstream failed",
                     request_id=self.ctx.request_id,
@@ -148,6 +150,7 @@ class Relay:
             self.ctx.target = target.name
             if failures:
                 response.headers["x-appliance-fallback"] = "true"
+                FALLBACKS.labels(self.ctx.model).inc()
             return response
         raise self._exhausted(failures, self.retried or len(failures) > 1)
 
@@ -196,13 +199,21 @@ class Relay:
         )
         url = f"{target.base_url}/{self.endpoint}"
         waited = False  # per target: one short wait, then move on
+        reconnected = False
+        http: aiohttp.ClientSession = self.state.http  # type: ignore[assignment]
         while True:
             try:
-                resp = await self.state.http.post(url, data=payload, headers=target.headers, timeout=timeout)  # type: ignore[union-attr]
+                resp = await http.post(url, data=payload, headers=target.headers, timeout=timeout)
             except TimeoutError:
                 raise UpstreamFailure("timed out") from None
             except aiohttp.ClientConnectorError:
                 raise UpstreamFailure("connection refused") from None
+            except aiohttp.ServerDisconnectedError:
+                # A pooled keep-alive connection the engine had just closed: one fresh try.
+                if not reconnected:
+                    reconnected = True
+                    continue
+                raise UpstreamFailure("connection reset") from None
             except aiohttp.ClientError as exc:
                 raise UpstreamFailure(f"connection failed ({type(exc).__name__})") from None
             if resp.status == 429:

@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from appliance.auth import KeyStore
 from appliance.errors import APIError
 from appliance.log import access, logger
+from appliance.metrics import record_request, record_tokens
 
 FastHandler = Callable[[Request], Awaitable[Response]]
 
@@ -128,13 +129,17 @@ class GatewayMiddleware:
     def _log(scope: Scope, ctx: RequestContext, status: int, started: float) -> None:
         if scope["path"] in OPEN_PATHS:
             return
+        seconds = time.perf_counter() - started
+        record_request(scope["path"], status, ctx.target, seconds)
+        if ctx.model is not None:
+            record_tokens(ctx.model, ctx.prompt_tokens, ctx.completion_tokens)
         fields: dict[str, Any] = {
             "request_id": ctx.request_id,
             "key_id": ctx.key_id,
             "method": scope["method"],
             "path": scope["path"],
             "status": status,
-            "latency_ms": round((time.perf_counter() - started) * 1000, 2),
+            "latency_ms": round(seconds * 1000, 2),
         }
         for name in ("model", "target", "prompt_tokens", "completion_tokens"):
             value = getattr(ctx, name)

@@ -459,3 +459,16 @@ def test_every_response_has_a_request_id(gateway, local_llm):
     unauth = httpx.post(gw.base_url + "/chat/completions", json={})
     ids = {ok.headers["x-request-id"], bad.headers["x-request-id"], unauth.headers["x-request-id"]}
     assert len(ids) == 3
+
+
+def test_metrics_count_requests_fallbacks_and_tokens(gateway, local_llm, cloud_llm):
+    gw = gateway()
+    chat(gw)
+    local_llm.fail("500", times=1)
+    chat(gw)
+    text = httpx.get(gw.url + "/metrics").text
+    assert 'appliance_requests_total{path="/v1/chat/completions",status="200",target="local"} 1.0' in text
+    assert 'appliance_requests_total{path="/v1/chat/completions",status="200",target="cloud"} 1.0' in text
+    assert f'appliance_fallbacks_total{{model="{TIER1}"}} 1.0' in text
+    assert 'appliance_upstream_failures_total{target="local"} 1.0' in text
+    assert f'appliance_tokens_total{{direction="completion",model="{TIER1}"}}' in text

@@ -1,0 +1,42 @@
+"""Prometheus metrics, served on /metrics. Labels stay low-cardinality: known paths, targets, models."""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+
+REQUESTS = Counter(
+    "appliance_requests_total",
+    "Requests answered, by path, status and serving target.",
+    ["path", "status", "target"],
+)
+LATENCY = Histogram(
+    "appliance_request_duration_seconds",
+    "Time to the end of the response (streams: to the last byte), by path.",
+    ["path"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+UPSTREAM_FAILURES = Counter(
+    "appliance_upstream_failures_total", "Upstream attempts that failed before the first byte.", ["target"]
+)
+FALLBACKS = Counter(
+    "appliance_fallbacks_total", "Requests served by a later target than the first.", ["model"]
+)
+TOKENS = Counter("appliance_tokens_total", "Tokens reported by the engines.", ["model", "direction"])
+
+
+def record_request(path: str, status: int, target: str | None, seconds: float) -> None:
+    if status == 404:
+        path = "unmatched"  # arbitrary client paths must not become label values
+    REQUESTS.labels(path, str(status), target or "none").inc()
+    LATENCY.labels(path).observe(seconds)
+
+
+def record_tokens(model: str, prompt: int | None, completion: int | None) -> None:
+    if prompt:
+        TOKENS.labels(model, "prompt").inc(prompt)
+    if completion:
+        TOKENS.labels(model, "completion").inc(completion)
+
+
+def exposition() -> tuple[bytes, str]:
+    return generate_latest(), CONTENT_TYPE_LATEST
