@@ -95,7 +95,8 @@ def cmd_gpu_check(args: argparse.Namespace) -> int:
         return fail(f"no usable NVIDIA GPU: {verdict['reasons'][0]}", code)
     for gpu in gpus:
         total = (gpu.get("memory") or {}).get("total_mib")
-        print(f"GPU {gpu['index']}: {gpu.get('name')}, {total} MiB, driver {gpu.get('driver_version')}")
+        memory = "n/a" if total is None else f"{total} MiB"
+        print(f"GPU {gpu['index']}: {gpu.get('name')}, {memory}, driver {gpu.get('driver_version') or 'n/a'}")
     for warning in verdict["warnings"]:
         print(f"warning: {warning}")
     for reason in verdict["reasons"]:
