@@ -18,6 +18,7 @@ Every LLM route the chosen model does not serve goes to the cloud where policy a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -154,7 +155,7 @@ def llm_min_need(model: CatalogModel, policy: PlanPolicy) -> int:
     """Weights + runtime overhead + KV for the fewest useful sequences at the shortest useful length."""
     p = model.params
     kv = policy.min_num_seqs * per_seq_mib(model, min_len(model, policy))
-    return int(p["weights_mib"] + p["runtime_overhead_mib"] + kv + 0.999)
+    return p["weights_mib"] + p["runtime_overhead_mib"] + math.ceil(kv)
 
 
 def size_kv(model: CatalogModel, kv_mib: int, policy: PlanPolicy) -> tuple[int, int]:
@@ -171,14 +172,18 @@ def size_kv(model: CatalogModel, kv_mib: int, policy: PlanPolicy) -> tuple[int, 
 # --- the plan -----------------------------------------------------------------------------------------
 
 
+def share_steps(free_mib: int, total_mib: int) -> int:
+    """vLLM's share of the whole card in 1/10000s, rounded down: it must find that much free at start."""
+    return max(free_mib, 0) * SHARE_STEPS // total_mib
+
+
 def vllm_share(free_mib: int, total_mib: int) -> float:
-    """vLLM's share of the whole card, rounded down: it must find that much free when it starts."""
-    return max(free_mib, 0) * SHARE_STEPS // total_mib / SHARE_STEPS
+    return share_steps(free_mib, total_mib) / SHARE_STEPS
 
 
 def vllm_room(free_mib: int, total_mib: int) -> int:
-    """The MiB vLLM actually gets for a share of the card."""
-    return int(vllm_share(free_mib, total_mib) * total_mib)
+    """The whole MiB vLLM gets for its share of the card (integer arithmetic: no float rounding)."""
+    return share_steps(free_mib, total_mib) * total_mib // SHARE_STEPS
 
 
 def headroom_for(total_mib: int, policy: PlanPolicy) -> int:
@@ -201,9 +206,7 @@ def plan(catalog: Catalog, gpu_memory_mib: int, policy: PlanPolicy | None = None
     services = sorted(audio, key=lambda s: START_ORDER[s.kind])
     if llm_model is not None:
         result.vllm = size_vllm(llm_model, free, gpu_memory_mib, policy)
-        services.append(
-            Service("llm", llm_model.id, int(result.vllm.gpu_memory_utilization * gpu_memory_mib))
-        )
+        services.append(Service("llm", llm_model.id, vllm_room(free, gpu_memory_mib)))
         for route in llm_routes:
             decided[route.name] = ("local", llm_model.id, f"served by {llm_model.id} on vLLM")
     result.services = services
