@@ -182,8 +182,9 @@ class Relay:
 
     async def _try(self, attempt: Attempt) -> Response:
         """Send to one target; return the client's response once its first byte is in hand."""
-        self.body["model"] = attempt.model
-        upstream = await self._send(attempt.target, orjson.dumps(self.body))
+        body = {**attempt.defaults, **self.body} if attempt.defaults else self.body
+        body["model"] = attempt.model
+        upstream = await self._send(attempt.target, orjson.dumps(body))
         if upstream.status >= 400:
             return await self._client_error(attempt.target, upstream)
         if self.stream:

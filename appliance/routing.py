@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from time import time
+from typing import Any
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -44,6 +45,7 @@ class Target:
 class Attempt:
     target: Target
     model: str  # the model id this target knows the public name by
+    defaults: dict[str, Any] = field(default_factory=dict, hash=False)  # fields the client did not set
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -110,7 +112,7 @@ class LLMRouter:
         """Every target the policy allows for a route, in order, breakers not considered."""
         policy = self.policy(route)
         local_id = self.local_model(route)
-        local = [Attempt(self.local, local_id)] if local_id else []
+        local = [Attempt(self.local, local_id, route.local_defaults)] if local_id else []
         if self.cloud is None or route.cloud is None or policy == "never":
             return local
         cloud = [Attempt(self.cloud, route.cloud)]

@@ -472,3 +472,16 @@ def test_metrics_count_requests_fallbacks_and_tokens(gateway, local_llm, cloud_l
     assert f'appliance_fallbacks_total{{model="{TIER1}"}} 1.0' in text
     assert 'appliance_upstream_failures_total{target="local"} 1.0' in text
     assert f'appliance_tokens_total{{direction="completion",model="{TIER1}"}}' in text
+
+
+def test_tier1_asks_local_engine_for_no_reasoning_unless_the_app_does(gateway, local_llm, cloud_llm):
+    gw = gateway()
+    chat(gw, TIER1)
+    assert local_llm.seen[-1].body["chat_template_kwargs"] == {"enable_thinking": False}
+    chat(gw, TIER1, extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+    assert local_llm.seen[-1].body["chat_template_kwargs"] == {"enable_thinking": True}
+    chat(gw, TIER2)
+    assert "chat_template_kwargs" not in local_llm.seen[-1].body
+    local_llm.fail("500")
+    chat(gw, TIER1)  # the cloud's tier-1 model has no such template switch
+    assert "chat_template_kwargs" not in cloud_llm.seen[-1].body
