@@ -53,7 +53,9 @@ class EngineHealth:
         self.nim = nim
         self.ready = False
         self.detail = "not checked yet"
-        self.last_failure: tuple[float, str] | None = None  # (time.time(), message) of a failed synthesis
+        # (time.time(), error code) of the last failed synthesis; the NIM's own words stay out of /readyz
+        # (it needs no key), since they might quote the text.
+        self.last_failure: tuple[float, str | None] | None = None
 
     async def refresh(self) -> None:
         ready, detail = await self.nim.health()
@@ -74,13 +76,13 @@ class EngineHealth:
 
     def note_failure(self, exc: APIError) -> None:
         if exc.status >= 500:
-            self.last_failure = (time.time(), exc.message)
+            self.last_failure = (time.time(), exc.code)
 
     def check(self) -> dict[str, Any]:
         check = {"ready": self.ready, "engine": "magpie-tts-nim", "url": self.nim.url, "detail": self.detail}
         if self.last_failure is not None:
-            at, message = self.last_failure
-            check["last_failure"] = {"at": round(at, 3), "message": message}
+            at, code = self.last_failure
+            check["last_failure"] = {"at": round(at, 3), "code": code}
         return check
 
 

@@ -162,7 +162,10 @@ class MagpieNIM:
             await asyncio.sleep(self.chunk_seconds * self.real_time_factor * self.slow)
             if not response.prepared:
                 await response.prepare(request)
-            await response.write(pcm[start : start + step])
+            try:
+                await response.write(pcm[start : start + step])
+            except ConnectionResetError:  # the client stopped listening
+                return response
             call.first_audio_at = call.first_audio_at or time.time()
         await response.write_eof()
         call.finished_at = time.time()
