@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal
@@ -65,7 +66,11 @@ class EngineHealth:
 
     async def watch(self, interval: float) -> None:
         while True:
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception as exc:  # keep watching whatever one check ran into
+                self.ready, self.detail = False, f"not checkable ({type(exc).__name__})"
+                event("tts_engine", level=logging.WARNING, ready=False, error=type(exc).__name__)
             await asyncio.sleep(interval)
 
     async def require_ready(self) -> None:
