@@ -8,12 +8,14 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
+import yaml
 from pydantic import AliasChoices, BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     YamlConfigSettingsSource,
@@ -22,6 +24,19 @@ from pydantic_settings import (
 FallbackPolicy = Literal["never", "on_failure", "on_overload"]
 
 DEFAULT_DATA_DIR = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "appliance"
+
+
+# OpenAI voice names -> MagpieTTS voices. Other OpenAI names use "default". A voice is carried over to
+# another language as the same speaker where the NIM has one (EN-US.Aria -> DE-DE.Aria).
+DEFAULT_TTS_VOICES = {
+    "default": "Magpie-Multilingual.EN-US.Aria",
+    "alloy": "Magpie-Multilingual.EN-US.Aria",
+    "echo": "Magpie-Multilingual.EN-US.Jason",
+    "fable": "Magpie-Multilingual.EN-US.Leo",
+    "onyx": "Magpie-Multilingual.EN-US.Ray",
+    "nova": "Magpie-Multilingual.EN-US.Sofia",
+    "shimmer": "Magpie-Multilingual.EN-US.Mia",
+}
 
 
 class ConfigError(Exception):
@@ -83,6 +98,20 @@ class Settings(BaseSettings):
     overload_waiting: int = _env("APPLIANCE_OVERLOAD_WAITING", 16, ge=1)
     overload_poll_interval: float = _env("APPLIANCE_OVERLOAD_POLL_INTERVAL", 1.0, gt=0)
 
+    # Text-to-speech (MagpieTTS NIM at tts_url).
+    tts_max_chars: int = _env("APPLIANCE_TTS_MAX_CHARS", 4096, gt=0)  # per request, as OpenAI
+    # Text per NIM request. The NIM takes at most 2,000 characters after its own text normalisation
+    # (numbers spelled out) and offline synthesis is capped at about 20 s of audio, so stay well below.
+    tts_piece_chars: int = _env("APPLIANCE_TTS_PIECE_CHARS", 250, ge=20, le=2000)
+    tts_language: str = _env("APPLIANCE_TTS_LANGUAGE", "en-US", pattern=r"^[A-Za-z]{2,3}-[A-Za-z]{2}$")
+    tts_voices: Annotated[dict[str, str], NoDecode] = _env(
+        "APPLIANCE_TTS_VOICES", lambda: dict(DEFAULT_TTS_VOICES)
+    )
+    tts_sample_rate: int = _env("APPLIANCE_TTS_SAMPLE_RATE", 22050, ge=8000, le=48000)
+    tts_timeout: float = _env("APPLIANCE_TTS_TIMEOUT", 30.0, gt=0)  # for an answer, and between chunks
+    tts_health_interval: float = _env("APPLIANCE_TTS_HEALTH_INTERVAL", 5.0, gt=0)
+    tts_voices_ttl: float = _env("APPLIANCE_TTS_VOICES_TTL", 300.0, gt=0)
+
     log_level: Literal["debug", "info", "warning", "error"] = _env("APPLIANCE_LOG_LEVEL", "info")
 
     # GPU health (appliance.gpu_monitor): seconds between NVML snapshots shown on /readyz; 0 turns it off.
@@ -92,6 +121,22 @@ class Settings(BaseSettings):
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("tts_voices", mode="before")
+    @classmethod
+    def _voice_table(cls, value: Any) -> Any:
+        # The environment holds YAML ("{alloy: Magpie-Multilingual.EN-US.Aria}"); the file a mapping.
+        # Names it leaves out keep their defaults.
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise ValueError("is not valid YAML") from None
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in value.items()
+        ):
+            raise ValueError("must map voice names to MagpieTTS voice names")
+        return {**DEFAULT_TTS_VOICES, **{k.strip().lower(): v.strip() for k, v in value.items()}}
 
     @field_validator("nvidia_nim_base_url", "llm_url", "tts_url")
     @classmethod

@@ -124,11 +124,13 @@ class LLMRouter:
         return [a for a in self.candidates(route) if a.target.breaker.allows()]
 
     def available(self, route: Route) -> bool:
-        return bool(self.attempts(route))
+        """Servable now: a target is allowed, and it is the cloud or a local engine that has answered."""
+        return any(a.target.is_cloud or self.served is not None for a in self.attempts(route))
 
     # Background: what the local engine serves and how loaded it is.
 
     async def start(self) -> None:
+        await self._refresh_served()  # so /v1/models is right from the first request
         self._task = asyncio.get_running_loop().create_task(self._watch())
 
     async def stop(self) -> None:
@@ -141,7 +143,7 @@ class LLMRouter:
                 await target.breaker.close()
 
     async def _watch(self) -> None:
-        tick = 0
+        tick = 1  # start() has just read the model list
         while True:
             if self.served is None or tick % SERVED_REFRESH_TICKS == 0:
                 await self._refresh_served()

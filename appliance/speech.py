@@ -1,0 +1,244 @@
+"""OpenAI's `POST /v1/audio/speech`, served by the local MagpieTTS NIM; `GET /v1/audio/voices`.
+
+Text never leaves the box: there is no cloud fallback for speech.
+Without `stream_format` the whole file is built first (complete headers, a clean error if anything
+fails); with `stream_format: "audio"` encoded audio is sent as the NIM produces it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from appliance.app import AppState, app_state
+from appliance.audio.encode import FORMATS, SPEED_MAX, SPEED_MIN, AudioFormat, Encoder
+from appliance.errors import APIError, bad_request, unavailable
+from appliance.log import event
+from appliance.middleware import request_context
+from appliance.tts import MagpieClient, VoiceChoice, choose_voice, split_text, voice_locale
+
+
+class VoiceRef(BaseModel):
+    id: str
+
+
+class SpeechRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    input: str
+    voice: str | VoiceRef
+    response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] = "mp3"
+    speed: float = Field(1.0, ge=SPEED_MIN, le=SPEED_MAX)
+    stream_format: Literal["audio", "sse"] | None = None
+    language: str | None = None  # a NIM language code (en-US, de-DE, ...); else the voice's or the default
+    instructions: str | None = None  # accepted for compatibility; MagpieTTS takes no instructions
+
+    @property
+    def voice_name(self) -> str:
+        return self.voice.id if isinstance(self.voice, VoiceRef) else self.voice
+
+
+class EngineHealth:
+    """The NIM's readiness, polled in the background and shown on /readyz."""
+
+    def __init__(self, nim: MagpieClient) -> None:
+        self.nim = nim
+        self.ready = False
+        self.detail = "not checked yet"
+        # (time.time(), error code) of the last failed synthesis; the NIM's own words stay out of /readyz
+        # (it needs no key), since they might quote the text.
+        self.last_failure: tuple[float, str | None] | None = None
+
+    async def refresh(self) -> None:
+        ready, detail = await self.nim.health()
+        if ready != self.ready:
+            event("tts_engine", ready=ready, detail=detail)
+        self.ready, self.detail = ready, detail
+
+    async def watch(self, interval: float) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except Exception as exc:  # keep watching whatever one check ran into
+                self.ready, self.detail = False, f"not checkable ({type(exc).__name__})"
+                event("tts_engine", level=logging.WARNING, ready=False, error=type(exc).__name__)
+            await asyncio.sleep(interval)
+
+    async def require_ready(self) -> None:
+        if not self.ready:
+            await self.refresh()  # it may have come up since the last poll
+        if not self.ready:
+            raise unavailable(f"The text-to-speech engine is {self.detail}.", code="tts_not_ready")
+
+    def note_failure(self, exc: APIError) -> None:
+        if exc.status >= 500:
+            self.last_failure = (time.time(), exc.code)
+
+    def check(self) -> dict[str, Any]:
+        check = {"ready": self.ready, "engine": "magpie-tts-nim", "url": self.nim.url, "detail": self.detail}
+        if self.last_failure is not None:
+            at, code = self.last_failure
+            check["last_failure"] = {"at": round(at, 3), "code": code}
+        return check
+
+
+def install(app: FastAPI, state: AppState) -> None:
+    settings = state.settings
+    nim = MagpieClient(settings, lambda: state.http)
+    health = EngineHealth(nim)
+    state.readiness["tts"] = health.check
+    state.availability["tts"] = lambda route: health.ready
+    watcher: list[asyncio.Task[None]] = []
+
+    async def start() -> None:
+        watcher.append(asyncio.create_task(health.watch(settings.tts_health_interval)))
+
+    async def stop() -> None:
+        for task in watcher:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    state.startup.append(start)
+    state.shutdown.append(stop)
+
+    @app.post("/v1/audio/speech")
+    async def create_speech(body: SpeechRequest, request: Request) -> Response:
+        ctx = request_context(request.scope)
+        route = app_state(request).require_route(body.model, "tts")
+        ctx.model = route.name
+        _check_input(body, settings.tts_max_chars)
+        await health.require_ready()
+        ctx.target = "local"
+        try:
+            return await speak(body, ctx.request_id)
+        except APIError as exc:
+            health.note_failure(exc)
+            raise
+
+    async def speak(body: SpeechRequest, request_id: str) -> Response:
+        choice = choose_voice(body.voice_name, body.language, await nim.voices(), settings)
+        pieces = split_text(body.input, settings.tts_piece_chars)
+        fmt = FORMATS[body.response_format]
+        streaming = body.stream_format == "audio"
+        event(
+            "tts",
+            request_id=request_id,
+            voice=choice.voice,
+            language=choice.language,
+            format=fmt.name,
+            characters=len(body.input),
+            pieces=len(pieces),
+            stream=streaming,
+        )
+        if streaming:
+            return await _stream(nim, pieces, choice, fmt, body.speed, request_id, health)
+        return Response(await _whole_file(nim, pieces, choice, fmt, body.speed), media_type=fmt.content_type)
+
+    @app.get("/v1/audio/voices")
+    async def list_voices() -> JSONResponse:
+        await health.require_ready()
+        catalog = await nim.voices()
+        language = catalog.language(settings.tts_language) or settings.tts_language
+        aliases = {name: catalog.voice_for(voice, language) for name, voice in settings.tts_voices.items()}
+        data = [{"id": v, "object": "voice", "language": voice_locale(v) or language} for v in catalog.voices]
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": data,
+                "languages": list(catalog.locales),
+                "default_language": language,
+                "aliases": aliases,
+            }
+        )
+
+
+def _check_input(body: SpeechRequest, max_chars: int) -> None:
+    if not body.input.strip():
+        raise bad_request("'input' is empty: send the text to speak.", param="input")
+    if len(body.input) > max_chars:
+        raise bad_request(
+            f"'input' is {len(body.input)} characters long; the maximum is {max_chars}.",
+            param="input",
+            code="string_above_max_length",
+        )
+    if body.stream_format == "sse":
+        raise bad_request(
+            "stream_format 'sse' is not supported for this model; use 'audio' or leave it out.",
+            param="stream_format",
+        )
+
+
+async def _whole_file(
+    nim: MagpieClient, pieces: list[str], choice: VoiceChoice, fmt: AudioFormat, speed: float
+) -> bytes:
+    """Synthesise piece by piece, in order, encoding each piece while the NIM makes the next."""
+    encoder = Encoder(fmt, nim.sample_rate, speed)
+    encoding: asyncio.Future[bytes] | None = None
+    for piece in pieces:
+        pcm = await nim.synthesize(piece, choice)
+        if encoding is not None:
+            await encoding
+        encoding = asyncio.ensure_future(asyncio.to_thread(encoder.write, pcm))
+    if encoding is not None:
+        await encoding
+    return await asyncio.to_thread(encoder.close)
+
+
+async def _pcm_stream(nim: MagpieClient, pieces: list[str], choice: VoiceChoice) -> AsyncIterator[bytes]:
+    """The PCM of every piece, in order, as one stream; a stream with no audio at all is a failure."""
+    produced = False
+    for piece in pieces:
+        async for chunk in nim.stream(piece, choice):
+            if chunk:
+                produced = True
+                yield chunk
+    if not produced:
+        raise unavailable("The text-to-speech engine answered no audio.", code="tts_failed")
+
+
+async def _stream(
+    nim: MagpieClient,
+    pieces: list[str],
+    choice: VoiceChoice,
+    fmt: AudioFormat,
+    speed: float,
+    request_id: str,
+    health: EngineHealth,
+) -> Response:
+    pcm = _pcm_stream(nim, pieces, choice)
+    # Wait for the first audio before answering, so a NIM that fails at once gets a clean 503.
+    try:
+        first = await anext(pcm)
+    except BaseException:
+        await pcm.aclose()
+        raise
+    encoder = Encoder(fmt, nim.sample_rate, speed, streaming=True)
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            chunk: bytes | None = first
+            while chunk is not None:
+                data = await asyncio.to_thread(encoder.write, chunk)
+                if data:
+                    yield data
+                chunk = await anext(pcm, None)
+            yield await asyncio.to_thread(encoder.close)
+        except APIError as exc:
+            # Headers are gone: cut the connection so the client sees an incomplete body, not a short file.
+            event("tts_stream_aborted", request_id=request_id, status=exc.status, code=exc.code)
+            health.note_failure(exc)
+            raise
+        finally:
+            await pcm.aclose()
+
+    return StreamingResponse(body(), media_type=fmt.content_type)

@@ -1,0 +1,433 @@
+"""Text-to-speech: OpenAI's /v1/audio/speech through the real gateway to a MagpieTTS NIM simulator."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import subprocess
+import sys
+import time
+import wave
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import av
+import httpx
+import numpy as np
+import openai
+import pytest
+from aiohttp import web
+
+from appliance.tts import pcm_from_wav, split_text
+from tests.harness import CLIENT_KEY, REPO, Gateway, clean_env
+from tests.openapi import validate
+from tests.sims.magpie_nim import MagpieNIM
+
+SENTENCE = "The quick brown fox jumps over the lazy dog. "
+TONE_HZ = 220.0  # the simulator's tone
+# response_format -> (container, decoders, sample rate, content type)
+FORMATS = {
+    "mp3": ("mp3", {"mp3", "mp3float"}, 22050, "audio/mpeg"),
+    "opus": ("ogg", {"opus", "libopus"}, 48000, "audio/opus"),
+    "aac": ("aac", {"aac"}, 22050, "audio/aac"),
+    "flac": ("flac", {"flac"}, 22050, "audio/flac"),
+    "wav": ("wav", {"pcm_s16le"}, 22050, "audio/wav"),
+    "pcm": ("s16le", {"pcm_s16le"}, 24000, "audio/pcm"),
+}
+
+
+@pytest.fixture(scope="module")
+def nim(bg_loop) -> Iterator[MagpieNIM]:
+    sim = MagpieNIM(seconds_per_char=0.02, real_time_factor=0.1, chunk_seconds=0.05)
+    bg_loop.run(sim.start())
+    yield sim
+    bg_loop.run(sim.stop())
+
+
+@pytest.fixture(autouse=True)
+def fresh_nim(nim: MagpieNIM) -> Iterator[None]:
+    nim.reset()
+    yield
+    nim.reset()
+
+
+@pytest.fixture(scope="module")
+def gateway(nim: MagpieNIM, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    tmp = tmp_path_factory.mktemp("tts")
+    env = clean_env(
+        APPLIANCE_API_KEYS=CLIENT_KEY,
+        APPLIANCE_DATA_DIR=str(tmp / "data"),
+        APPLIANCE_LLM_URL="http://127.0.0.1:9/v1",
+        APPLIANCE_TTS_URL=nim.url,
+        APPLIANCE_TTS_HEALTH_INTERVAL="0.1",
+        APPLIANCE_TTS_TIMEOUT="1",
+        APPLIANCE_TTS_VOICES_TTL="1",
+    )
+    gw = Gateway(env, tmp / "gateway.log").start()
+    wait_until(lambda: tts_check(gw)["ready"])
+    yield gw
+    gw.stop()
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+def tts_check(gw: Gateway) -> dict[str, Any]:
+    return httpx.get(gw.url + "/readyz").json()["checks"]["tts"]
+
+
+def decode(data: bytes, fmt: str) -> tuple[str, str, int, np.ndarray]:
+    """(container, codec, sample rate, mono float samples) of an encoded answer, read with PyAV."""
+    if fmt == "pcm":  # headerless: OpenAI's pcm is s16le mono at 24 kHz
+        return "s16le", "pcm_s16le", 24000, np.frombuffer(data, "<i2").astype(np.float32) / 32768
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.audio[0]
+        frames = list(container.decode(stream))
+        samples = np.concatenate([f.to_ndarray().astype(np.float32).reshape(-1) for f in frames])
+        if frames[0].format.name.startswith("s16"):
+            samples /= 32768
+        return container.format.name, stream.codec_context.name, frames[0].sample_rate, samples
+
+
+def seconds_of_audio(data: bytes, fmt: str) -> float:
+    """How much audio the start of a stream holds (0 if it holds no whole frame yet)."""
+    try:
+        _, _, rate, samples = decode(data, fmt)
+    except (av.FFmpegError, IndexError, ValueError):
+        return 0.0
+    return len(samples) / rate
+
+
+def synthesised_seconds(nim: MagpieNIM) -> float:
+    return sum(nim.audio_seconds(call.text) for call in nim.calls)
+
+
+def dominant_hz(samples: np.ndarray, rate: int) -> float:
+    spectrum = np.abs(np.fft.rfft(samples * np.hanning(len(samples))))
+    return float(np.fft.rfftfreq(len(samples), 1 / rate)[spectrum.argmax()])
+
+
+def speech(gw: Gateway, **body: Any) -> httpx.Response:
+    with gw.http() as http:
+        return http.post("/v1/audio/speech", json={"model": "tts-1", "voice": "alloy", **body})
+
+
+# Formats, speed, streaming.
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_response_format_decodes_to_the_expected_audio(gateway, nim, fmt):
+    response = gateway.client().audio.speech.create(
+        model="nvidia/magpietts", input=SENTENCE * 8, voice="default", response_format=fmt
+    )
+    container, codecs, rate, content_type = FORMATS[fmt]
+    assert response.response.headers["content-type"] == content_type
+    got_container, codec, got_rate, samples = decode(response.content, fmt)
+    assert (got_container, got_rate) == (container, rate)
+    assert codec in codecs
+    assert [c.path for c in nim.calls] == ["/v1/audio/synthesize"] * 2  # 360 characters, 2 pieces
+    assert len(samples) / rate == pytest.approx(synthesised_seconds(nim), abs=0.12)
+
+
+def test_mp3_is_the_default_format(gateway, nim):
+    response = gateway.client().audio.speech.create(model="tts-1", input=SENTENCE, voice="alloy")
+    assert response.response.headers["content-type"] == "audio/mpeg"
+    assert decode(response.content, "mp3")[:3] == ("mp3", "mp3float", 22050)
+
+
+@pytest.mark.parametrize("speed", [0.25, 0.5, 2.0, 4.0])
+def test_speed_changes_duration_but_not_pitch(gateway, nim, speed):
+    response = gateway.client().audio.speech.create(
+        model="tts-1", input=SENTENCE * 2, voice="alloy", response_format="wav", speed=speed
+    )
+    _, _, rate, samples = decode(response.content, "wav")
+    assert len(samples) / rate == pytest.approx(synthesised_seconds(nim) / speed, rel=0.03, abs=0.08)
+    assert dominant_hz(samples, rate) == pytest.approx(TONE_HZ, abs=3)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_streaming_sends_audio_before_the_engine_has_finished(gateway, nim, fmt):
+    text = SENTENCE * 12  # 540 characters: three pieces
+    received: list[tuple[float, bytes]] = []
+    with gateway.client().audio.speech.with_streaming_response.create(
+        model="tts-1", input=text, voice="nova", response_format=fmt, stream_format="audio"
+    ) as response:
+        assert response.headers["content-type"] == FORMATS[fmt][3]
+        assert "content-length" not in response.headers  # chunked, as it is produced
+        received += [(time.time(), chunk) for chunk in response.iter_bytes()]
+    assert [c.path for c in nim.calls] == ["/v1/audio/synthesize_online"] * 3
+    assert all(c.voice == "Magpie-Multilingual.EN-US.Sofia" for c in nim.calls)
+    # Playable audio reached the client before the engine finished even the first of the three pieces.
+    early = b"".join(chunk for at, chunk in received if at < nim.calls[0].finished_at)
+    assert seconds_of_audio(early, fmt) > 0
+    _, _, rate, samples = decode(b"".join(chunk for _, chunk in received), fmt)
+    assert rate == FORMATS[fmt][2]
+    assert len(samples) / rate == pytest.approx(synthesised_seconds(nim), abs=0.12)
+
+
+def test_long_text_reaches_the_engine_in_order_in_pieces_it_accepts(gateway, nim):
+    text = " ".join(f"Sentence number {i} is read aloud, clearly and slowly." for i in range(80))[:4096]
+    assert len(text) == 4096  # OpenAI's maximum, twice the NIM's 2,000 characters per request
+    nim.slow = 0.1  # 82 s of audio: synthesise it quickly
+    response = gateway.client().audio.speech.create(
+        model="tts-1", input=text, voice="alloy", response_format="wav"
+    )
+    calls = nim.calls
+    assert len(calls) >= 4096 // 250
+    assert all(len(c.text) <= 250 <= nim.max_chars for c in calls)
+    assert " ".join(c.text for c in calls) == text  # every word, in order, nothing repeated
+    assert all(c.text.endswith((".", text[-10:])) for c in calls)  # cut between sentences
+    # One piece at a time, each sent after the previous one was answered.
+    assert all(later.received_at >= earlier.finished_at for earlier, later in itertools.pairwise(calls))
+    _, _, rate, samples = decode(response.content, "wav")
+    assert len(samples) / rate == pytest.approx(synthesised_seconds(nim), abs=0.01)
+
+
+def test_text_splitting_prefers_sentences_then_clauses_then_words():
+    text = "One two. Three four five; six seven, eight. " + "x" * 30
+    pieces = split_text(text, 20)
+    assert pieces == ["One two.", "Three four five;", "six seven, eight.", "x" * 20, "x" * 10]
+    assert split_text("  Short text.  ", 250) == ["Short text."]
+
+
+def test_engine_wav_at_another_rate_or_layout_is_converted():
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:  # one second of stereo at 16 kHz
+        w.setnchannels(2)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(np.zeros(32000, "<i2").tobytes())
+    assert len(pcm_from_wav(out.getvalue(), 22050)) / 2 == pytest.approx(22050, abs=64)
+
+
+# Voices and languages.
+
+
+@pytest.mark.parametrize(
+    ("voice", "language", "magpie_voice", "magpie_language"),
+    [
+        ("default", None, "Magpie-Multilingual.EN-US.Aria", "en-US"),
+        ("echo", None, "Magpie-Multilingual.EN-US.Jason", "en-US"),
+        ("Shimmer", None, "Magpie-Multilingual.EN-US.Mia", "en-US"),
+        ("coral", None, "Magpie-Multilingual.EN-US.Aria", "en-US"),  # OpenAI name not mapped: default
+        ("Magpie-Multilingual.EN-US.Mia.Calm", None, "Magpie-Multilingual.EN-US.Mia.Calm", "en-US"),
+        ("Magpie-Multilingual.DE-DE.Leo", None, "Magpie-Multilingual.DE-DE.Leo", "de-DE"),
+        ("alloy", "de-de", "Magpie-Multilingual.DE-DE.Aria", "de-DE"),  # same speaker in German
+        ("alloy", "fr-FR", "Magpie-Multilingual.FR-FR.Pascal", "fr-FR"),  # no French Aria
+        ({"id": "Magpie-Multilingual.ES-US.Diego"}, None, "Magpie-Multilingual.ES-US.Diego", "es-US"),
+    ],
+)
+def test_voices_map_to_magpie_voices_per_language(
+    gateway, nim, voice, language, magpie_voice, magpie_language
+):
+    extra = {"language": language} if language else {}
+    response = speech(gateway, input="Hello.", voice=voice, response_format="wav", **extra)
+    assert response.status_code == 200, response.text
+    assert [(c.voice, c.language) for c in nim.calls] == [(magpie_voice, magpie_language)]
+
+
+def test_voices_are_listed_from_the_engine_and_cached(gateway, nim):
+    time.sleep(1.1)  # let the gateway's cached list (APPLIANCE_TTS_VOICES_TTL=1) expire
+    before = nim.voice_lists
+    with gateway.http() as http:
+        first = http.get("/v1/audio/voices").json()
+        second = http.get("/v1/audio/voices").json()
+    assert nim.voice_lists == before + 1
+    assert first == second
+    assert [v["id"] for v in first["data"]] == nim.voices
+    assert {"id": "Magpie-Multilingual.DE-DE.Leo", "object": "voice", "language": "de-DE"} in first["data"]
+    assert first["aliases"]["alloy"] == "Magpie-Multilingual.EN-US.Aria"
+    assert "ja-JP" in first["languages"]
+
+
+# Bad input: a clear OpenAI-shaped 4xx, and nothing sent to the engine.
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"input": ""}, 400, "input"),
+        ({"input": "  \n "}, 400, "input"),
+        ({"input": "a" * 4097}, 400, "input"),
+        ({"voice": "robot"}, 400, "voice"),
+        ({"voice": None}, 400, "voice"),
+        ({"response_format": "ogg"}, 400, "response_format"),
+        ({"speed": 5}, 400, "speed"),
+        ({"speed": 0.1}, 400, "speed"),
+        ({"speed": "fast"}, 400, "speed"),
+        ({"stream_format": "sse"}, 400, "stream_format"),
+        ({"language": "xx-XX"}, 400, "language"),
+        ({"model": "tts-1-hd"}, 404, "model"),
+        ({"model": None}, 400, "model"),
+    ],
+)
+def test_bad_input_is_a_clear_4xx_and_reaches_nothing(gateway, nim, body, status, param):
+    response = speech(gateway, **{"input": "Hello.", **body})
+    assert response.status_code == status, response.text
+    validate("ErrorResponse", response.json())
+    error = response.json()["error"]
+    assert error["param"] == param or error["param"].startswith(f"{param}.")
+    assert nim.calls == []
+
+
+def test_unknown_voice_error_lists_the_valid_voices(gateway, nim):
+    with pytest.raises(openai.BadRequestError) as exc:
+        gateway.client().audio.speech.create(model="tts-1", input="Hello.", voice="robot")
+    message = exc.value.body["message"]
+    assert "'robot'" in message
+    for valid in (
+        "default",
+        "alloy",
+        "shimmer",
+        "Magpie-Multilingual.EN-US.Aria",
+        "Magpie-Multilingual.DE-DE.Leo",
+    ):
+        assert valid in message
+
+
+def test_too_long_input_names_the_limit(gateway):
+    response = speech(gateway, input="a" * 4097)
+    assert response.json()["error"]["code"] == "string_above_max_length"
+    assert "4097" in response.json()["error"]["message"] and "4096" in response.json()["error"]["message"]
+
+
+def test_body_that_is_not_json_is_a_400(gateway, nim):
+    with gateway.http() as http:
+        response = http.post(
+            "/v1/audio/speech", content=b"{not json", headers={"content-type": "application/json"}
+        )
+    assert response.status_code == 400
+    validate("ErrorResponse", response.json())
+
+
+# Engine failures: a clear 503, never a hang, and /readyz tells.
+
+
+def test_engine_not_ready_is_a_503_and_shows_on_readyz(gateway, nim):
+    nim.fail = "not_ready"
+    wait_until(lambda: not tts_check(gateway)["ready"])
+    ready = httpx.get(gateway.url + "/readyz")
+    assert ready.status_code == 503
+    assert "nvidia/magpietts" not in ready.json()["servable"]
+    assert "not ready" in ready.json()["checks"]["tts"]["detail"]
+    assert "nvidia/magpietts" not in [m.id for m in gateway.client().models.list()]
+    with pytest.raises(openai.InternalServerError) as exc:
+        gateway.client().audio.speech.create(model="tts-1", input="Hello.", voice="alloy")
+    assert exc.value.status_code == 503
+    assert exc.value.body["code"] == "tts_not_ready" and "not ready" in exc.value.body["message"]
+
+    nim.fail = None
+    wait_until(lambda: tts_check(gateway)["ready"])
+    assert gateway.client().audio.speech.create(model="tts-1", input="Hello.", voice="alloy").content
+
+
+@pytest.mark.parametrize("stream_format", [None, "audio"])
+def test_engine_error_is_a_503_that_readyz_remembers(gateway, nim, stream_format):
+    nim.fail, nim.error_status = "error", 500
+    extra = {"stream_format": stream_format} if stream_format else {}
+    response = speech(gateway, input="Hello.", **extra)
+    assert response.status_code == 503
+    validate("ErrorResponse", response.json())
+    assert response.json()["error"]["code"] == "tts_failed"
+    assert "failed (HTTP 500): Internal server error" in response.json()["error"]["message"]
+    assert tts_check(gateway)["last_failure"]["code"] == "tts_failed"
+
+
+def test_engine_dropping_connections_is_a_503(gateway, nim):
+    nim.fail = "refuse"
+    response = speech(gateway, input="Hello.")
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] in ("tts_unreachable", "tts_not_ready")
+    wait_until(lambda: "unreachable" in tts_check(gateway)["detail"])
+
+
+@pytest.mark.parametrize("stream_format", [None, "audio"])
+def test_stalled_engine_times_out_with_a_503(gateway, nim, stream_format):
+    nim.fail = "stall"
+    extra = {"stream_format": stream_format} if stream_format else {}
+    started = time.monotonic()
+    response = speech(gateway, input="Hello.", **extra)
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "tts_timeout"
+    assert "did not answer within 1 s" in response.json()["error"]["message"]
+    assert time.monotonic() - started < 3
+
+
+def test_stream_broken_midway_ends_with_an_incomplete_body(gateway, nim):
+    nim.fail, nim.stall_after_chunks = "stall", 20
+    received = 0
+    started = time.monotonic()
+    with (
+        pytest.raises(Exception, match="incomplete chunked read"),
+        gateway.client().audio.speech.with_streaming_response.create(
+            model="tts-1", input=SENTENCE * 4, voice="alloy", response_format="wav", stream_format="audio"
+        ) as response,
+    ):
+        for chunk in response.iter_bytes():
+            received += len(chunk)
+    assert received > 0  # audio had started: the cut, not a short file, tells the client it failed
+    assert time.monotonic() - started < 4
+    assert tts_check(gateway)["last_failure"]["code"] == "tts_timeout"
+
+
+def test_unreachable_engine_is_not_ready_and_speech_is_a_503(start_gateway):
+    gw = start_gateway(APPLIANCE_TTS_HEALTH_INTERVAL="0.1")  # nothing listens at APPLIANCE_TTS_URL
+    wait_until(lambda: "unreachable" in tts_check(gw)["detail"])
+    assert httpx.get(gw.url + "/readyz").status_code == 503
+    response = speech(gw, input="Hello.")
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "tts_not_ready"
+    assert "unreachable at http://127.0.0.1:9" in response.json()["error"]["message"]
+
+
+def test_speech_never_goes_to_the_cloud(start_gateway, bg_loop, nim):
+    cloud_requests: list[str] = []
+
+    async def record(request: web.Request) -> web.Response:
+        cloud_requests.append(request.path)
+        return web.json_response({"error": {"message": "no"}}, status=500)
+
+    async def start_cloud() -> web.AppRunner:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", record)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        return runner
+
+    runner = bg_loop.run(start_cloud())
+    try:
+        port = runner.addresses[0][1]
+        gw = start_gateway(
+            NVIDIA_NIM_API_KEY="nvapi-test-key",
+            NVIDIA_NIM_BASE_URL=f"http://127.0.0.1:{port}/v1",
+            APPLIANCE_CLOUD_FALLBACK="on_failure",
+            APPLIANCE_TTS_URL=nim.url,
+        )
+        wait_until(lambda: tts_check(gw)["ready"])
+        nim.fail = "error"
+        secret = "Mia's diary entry for Tuesday."
+        response = speech(gw, input=secret)
+        assert response.status_code == 503
+        assert cloud_requests == []
+        assert "diary" not in gw.logs()
+    finally:
+        bg_loop.run(runner.cleanup())
+
+
+def test_invalid_voice_table_is_one_clear_line():
+    proc = subprocess.run(
+        [sys.executable, "-m", "appliance", "serve", "--port", "1"],
+        env=clean_env(APPLIANCE_API_KEYS="k", APPLIANCE_TTS_VOICES="[alloy, echo]"),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "APPLIANCE_TTS_VOICES" in proc.stderr
