@@ -28,6 +28,11 @@ from appliance.errors import APIError, unavailable
 from appliance.log import elapsed_ms, event
 from appliance.model_store import ModelStoreError, resolve
 
+# CTranslate2's OpenMP threads spin between calls by default; in a server process that shares its cores
+# with the event loop, the spinning takes them away (it doubled request latency on a 2-core box). The
+# OpenMP runtime reads this when ctranslate2 loads, which happens after this module is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 Task = Literal["transcribe", "translate"]
 WINDOW_SECONDS = 30.0  # Whisper's context; longer audio takes the batched pipeline
 FALLBACK_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # OpenAI: temperature 0 means "raise as needed"
@@ -203,8 +208,11 @@ class SpeechEngine:
     async def decode(self, data: bytes) -> DecodedAudio:
         return await self._in_pool(decode_audio, data, self.settings.stt_max_seconds)
 
-    async def transcribe(self, audio: DecodedAudio, options: TranscribeOptions) -> Transcript:
+    async def transcribe(self, data: bytes, options: TranscribeOptions) -> Transcript:
+        """Decode and transcribe `data` in one worker job (AudioError for audio it cannot use)."""
+
         def run() -> Transcript:
+            audio = decode_audio(data, self.settings.stt_max_seconds)
             language, segments = self._segments(audio, options)
             return Transcript(options.task, language, audio.duration, list(segments))
 

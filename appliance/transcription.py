@@ -69,14 +69,14 @@ async def serve(request: Request, state: AppState, engine: SpeechEngine, task: T
         raise bad_request("'file' is required: the audio to transcribe, as a multipart file.", "file")
     engine.require_ready()
     try:
-        audio = await engine.decode(form.file)
+        if params.stream:  # decode first: bad audio is a 400, not an event in a 200 stream
+            audio = await engine.decode(form.file)
+            events = sse_transcript(engine.stream(audio, params.options))
+            headers = {"cache-control": "no-cache"}
+            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+        transcript = await engine.transcribe(form.file, params.options)
     except AudioError as exc:
         raise audio_error(exc) from None
-    if params.stream:
-        events = sse_transcript(engine.stream(audio, params.options))
-        headers = {"cache-control": "no-cache"}
-        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-    transcript = await engine.transcribe(audio, params.options)
     return render(transcript, params)
 
 

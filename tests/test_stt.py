@@ -17,9 +17,10 @@ import pytest
 from faster_whisper.tokenizer import _LANGUAGE_CODES
 
 from appliance.stt import LANGUAGES
-from tests.harness import CLIENT_KEY, REPO, Gateway, clean_env
+from tests.harness import REPO, Gateway, clean_env
 from tests.openapi import validate
 from tests.stt_audio import CONTAINERS, make_audio
+from tests.stt_gateway import start_stt_gateway
 from tests.whisper_model import build_tiny_whisper
 
 MAX_SECONDS = 100
@@ -30,36 +31,11 @@ def whisper_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_whisper(tmp_path_factory.mktemp("whisper"))
 
 
-def start(tmp: Path, name: str, **settings: str) -> Gateway:
-    """A gateway whose speech-to-text engine has finished loading (or failed to)."""
-    env = clean_env(
-        APPLIANCE_API_KEYS=CLIENT_KEY,
-        APPLIANCE_DATA_DIR=str(tmp / f"{name}-data"),
-        APPLIANCE_LLM_URL="http://127.0.0.1:9/v1",
-        APPLIANCE_TTS_URL="http://127.0.0.1:9",
-        TMPDIR=str(_empty_dir(tmp / f"{name}-tmp")),
-        **settings,
-    )
-    gateway = Gateway(env, tmp / f"{name}.log").start()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if httpx.get(gateway.url + "/readyz").json()["checks"]["stt"]["state"] != "loading":
-            return gateway
-        time.sleep(0.05)
-    gateway.stop()
-    raise RuntimeError(f"speech-to-text did not finish loading:\n{gateway.logs()}")
-
-
-def _empty_dir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 @pytest.fixture(scope="module")
 def gw(whisper_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     """One gateway for most tests: VAD off, so long tones still give segments."""
     tmp = tmp_path_factory.mktemp("stt")
-    gateway = start(
+    gateway = start_stt_gateway(
         tmp,
         "main",
         APPLIANCE_STT_MODEL=str(whisper_dir),
@@ -412,7 +388,7 @@ def test_models_list_and_readyz_show_speech_to_text(gw, client):
 
 
 def test_missing_model_is_503_naming_the_pull_command(tmp_path, wav):
-    gw = start(tmp_path, "missing", APPLIANCE_STT_MODEL="large-v3")
+    gw = start_stt_gateway(tmp_path, "missing", APPLIANCE_STT_MODEL="large-v3")
     try:
         client = gw.client()
         with pytest.raises(openai.InternalServerError) as exc:
@@ -434,7 +410,7 @@ def test_broken_model_is_503_and_the_gateway_keeps_serving(tmp_path, whisper_dir
     for file in whisper_dir.iterdir():
         (broken / file.name).write_bytes(file.read_bytes())
     (broken / "model.bin").write_bytes(b"not a model")
-    gw = start(tmp_path, "broken", APPLIANCE_STT_MODEL=str(broken))
+    gw = start_stt_gateway(tmp_path, "broken", APPLIANCE_STT_MODEL=str(broken))
     try:
         with pytest.raises(openai.InternalServerError) as exc:
             gw.client().audio.transcriptions.create(model="whisper-1", file=wav)
@@ -446,7 +422,7 @@ def test_broken_model_is_503_and_the_gateway_keeps_serving(tmp_path, whisper_dir
 
 
 def test_vad_drops_a_long_tone(tmp_path, whisper_dir):
-    gw = start(tmp_path, "vad", APPLIANCE_STT_MODEL=str(whisper_dir))  # VAD on by default
+    gw = start_stt_gateway(tmp_path, "vad", APPLIANCE_STT_MODEL=str(whisper_dir))  # VAD on by default
     try:
         verbose = gw.client(timeout=60).audio.transcriptions.create(
             model="whisper-1", file=make_audio("wav", 45.0), response_format="verbose_json"
