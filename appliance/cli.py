@@ -83,7 +83,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     settings, catalog = settings_from(args), load_catalog()
     try:
         if args.models_command == "pull":
-            target = model_store.locate(args.name, settings, catalog)
+            target = model_store.pull_target(args.name, settings, catalog)
             print(f"{args.name}: downloading {target.repo} into {target.path}", flush=True)
             stored = model_store.pull(args.name, settings, catalog)
             print(f"{stored.name}: complete in {stored.path}")

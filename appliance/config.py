@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     # Speech-to-text (faster-whisper in-process). Audio never leaves the box.
     stt_device: Literal["auto", "cuda", "cpu"] = _env("APPLIANCE_STT_DEVICE", "auto")
     stt_compute_type: str = _env("APPLIANCE_STT_COMPUTE_TYPE", "auto")  # auto: float16 on CUDA, int8 on CPU
-    stt_workers: int = _env("APPLIANCE_STT_WORKERS", 2, ge=1)  # transcriptions run at once
+    stt_workers: int = _env("APPLIANCE_STT_WORKERS", 2, ge=1)  # transcriptions the model runs at once
     stt_max_bytes: int = _env("APPLIANCE_STT_MAX_BYTES", 25 * 1024 * 1024, gt=0)  # upload cap, as OpenAI
     stt_max_seconds: float = _env("APPLIANCE_STT_MAX_SECONDS", 1800.0, gt=0)  # audio duration cap
     stt_vad: bool = _env("APPLIANCE_STT_VAD", True)  # skip non-speech in long audio

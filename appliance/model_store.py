@@ -84,14 +84,19 @@ def resolve(spec: str, settings: Settings, catalog: Catalog) -> StoredModel:
     )
 
 
+def pull_target(name: str, settings: Settings, catalog: Catalog) -> StoredModel:
+    """Where `appliance models pull NAME` downloads from and to."""
+    known = downloadable_models(catalog)
+    if name not in known:
+        raise ModelStoreError(f"unknown model '{name}'; pullable: {', '.join(sorted(known)) or 'none'}")
+    return locate(name, settings, catalog)
+
+
 def pull(name: str, settings: Settings, catalog: Catalog) -> StoredModel:
     """Download a catalog model into the model directory (resumable), showing progress bars."""
     from huggingface_hub import snapshot_download
 
-    known = downloadable_models(catalog)
-    if name not in known:
-        raise ModelStoreError(f"unknown model '{name}'; pullable: {', '.join(sorted(known)) or 'none'}")
-    model = locate(name, settings, catalog)
+    model = pull_target(name, settings, catalog)
     model.path.mkdir(parents=True, exist_ok=True)
     try:
         snapshot_download(repo_id=model.repo, local_dir=model.path, allow_patterns=DOWNLOAD_PATTERNS)

@@ -117,7 +117,9 @@ class SpeechEngine:
         logging.getLogger("faster_whisper").setLevel(logging.WARNING)
         self.settings = settings
         self.catalog = catalog
-        self.pool = ThreadPoolExecutor(max_workers=settings.stt_workers, thread_name_prefix="stt")
+        # The model runs `stt_workers` transcriptions at once; as many more jobs may decode audio and
+        # compute features meanwhile, so the model never waits on them.
+        self.pool = ThreadPoolExecutor(max_workers=2 * settings.stt_workers, thread_name_prefix="stt")
         self.state = "loading"  # loading | ready | missing | failed
         self.problem: str | None = None
         self.model: Any = None  # faster_whisper.WhisperModel once ready

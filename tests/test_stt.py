@@ -16,7 +16,10 @@ import openai
 import pytest
 from faster_whisper.tokenizer import _LANGUAGE_CODES
 
-from appliance.stt import LANGUAGES
+from appliance.catalog import load_catalog
+from appliance.config import load_settings
+from appliance.errors import APIError
+from appliance.stt import LANGUAGES, SpeechEngine
 from tests.harness import REPO, Gateway, clean_env
 from tests.openapi import validate
 from tests.stt_audio import CONTAINERS, make_audio
@@ -435,3 +438,14 @@ def test_vad_drops_a_long_tone(tmp_path, whisper_dir):
 
 def test_every_whisper_language_has_a_name():
     assert set(LANGUAGES) == set(_LANGUAGE_CODES)
+
+
+def test_engine_answers_503_loading_until_its_model_is_in(whisper_dir):
+    engine = SpeechEngine(load_settings(stt_model=str(whisper_dir)), load_catalog())
+    with pytest.raises(APIError) as exc:
+        engine.require_ready()
+    assert (exc.value.status, exc.value.code) == (503, "loading")
+    assert engine.status() == {"ready": False, "state": "loading", "model": str(whisper_dir)}
+    engine.load()
+    engine.require_ready()
+    assert engine.status()["ready"]
