@@ -201,9 +201,12 @@ class SpeechEngine:
 
     def require_ready(self) -> None:
         if self.state == "loading":
-            raise unavailable("The speech-to-text model is still loading; try again shortly.", code="loading")
-        if not self.ready:
-            raise unavailable(self.problem or "Speech-to-text is unavailable.", code="model_unavailable")
+            error = unavailable("The speech-to-text model is still loading; try again shortly.", "loading")
+            error.headers["retry-after"] = "5"
+            raise error
+        if not self.ready:  # retrying will not install or repair the model
+            message = self.problem or "Speech-to-text is unavailable."
+            raise unavailable(message, code="model_unavailable", retry=False)
 
     # Work.
 

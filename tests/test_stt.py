@@ -398,6 +398,7 @@ def test_missing_model_is_503_naming_the_pull_command(tmp_path, wav):
             client.audio.transcriptions.create(model="whisper-1", file=wav)
         error = assert_error(exc.value, 503, "model_unavailable", None)
         assert "appliance models pull large-v3" in error["message"]
+        assert exc.value.response.headers["x-should-retry"] == "false"  # no use retrying
         assert "whisper-1" not in {m.id for m in client.models.list()}
         assert httpx.get(gw.url + "/healthz").status_code == 200
         ready = httpx.get(gw.url + "/readyz")
@@ -445,6 +446,7 @@ def test_engine_answers_503_loading_until_its_model_is_in(whisper_dir):
     with pytest.raises(APIError) as exc:
         engine.require_ready()
     assert (exc.value.status, exc.value.code) == (503, "loading")
+    assert exc.value.headers == {"retry-after": "5"}
     assert engine.status() == {"ready": False, "state": "loading", "model": str(whisper_dir)}
     engine.load()
     engine.require_ready()
