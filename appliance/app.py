@@ -100,9 +100,9 @@ def create_app(settings: Settings) -> GatewayMiddleware:
 
 def _feature_installers() -> list[Callable[[FastAPI, AppState], None]]:
     """Each feature module registers its routes, readiness and background tasks."""
-    from appliance import chat, gpu_monitor, speech
+    from appliance import chat, gpu_monitor, speech, transcription
 
-    return [chat.install, speech.install, gpu_monitor.install]
+    return [chat.install, transcription.install, speech.install, gpu_monitor.install]
 
 
 def _install_common_routes(app: FastAPI, state: AppState) -> None:

@@ -175,6 +175,48 @@ def print_plan(body: dict) -> None:
         print(f"everything runs locally from a {body['smallest_card_all_local_gib']} GiB card up")
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from appliance import model_store
+    from appliance.catalog import load_catalog
+
+    settings, catalog = settings_from(args), load_catalog()
+    try:
+        if args.models_command == "pull":
+            target = model_store.pull_target(args.name, settings, catalog)
+            print(f"{args.name}: downloading {target.repo} into {target.path}", flush=True)
+            stored = model_store.pull(args.name, settings, catalog)
+            print(f"{stored.name}: complete in {stored.path}")
+            return 0
+        if args.models_command == "verify":
+            return _verify_models(args.names or [settings.stt_model], settings, catalog)
+    except model_store.ModelStoreError as exc:
+        return fail(str(exc))
+    for name, model in sorted(model_store.downloadable_models(catalog).items()):  # list
+        path = settings.models_dir / name
+        if not path.exists():
+            state = "not installed"
+        elif model_store.missing_files(path):
+            state = "incomplete"
+        else:
+            state = f"installed, {model_store.disk_size(path) / 1e9:.2f} GB"
+        print(f"{name}\t{model.kind}\t{model.params['repo']}\t{state}\t{path}")
+    return 0
+
+
+def _verify_models(names: list[str], settings: Settings, catalog: object) -> int:
+    from appliance import model_store
+
+    failed = 0
+    for name in names:
+        try:
+            stored = model_store.resolve(name, settings, catalog)
+            print(f"ok {stored.name} ({stored.path})")
+        except model_store.ModelStoreError as exc:
+            print(f"appliance: {exc}", file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="appliance", description=__doc__)
     parser.add_argument("--config", help="YAML configuration file (default: $APPLIANCE_CONFIG)")
@@ -212,6 +254,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--cloud-fallback", choices=["never", "on_failure", "on_overload"], help="override the policy"
     )
     plan.set_defaults(handler=cmd_plan)
+
+    models = sub.add_parser("models", help="the model store: download and check local models")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    models_sub.add_parser("list", help="catalog models this store can download, and their state")
+    models_sub.add_parser("pull", help="download a catalog model once (resumable)").add_argument("name")
+    models_sub.add_parser("verify", help="check that every file of a model is present").add_argument(
+        "names", nargs="*", help="catalog names or model directories (default: $APPLIANCE_STT_MODEL)"
+    )
+    models.set_defaults(handler=cmd_models)
 
     return parser
 

@@ -83,6 +83,15 @@ class Settings(BaseSettings):
     stt_model: str = _env("APPLIANCE_STT_MODEL", "large-v3")
     data_dir: Path = _env("APPLIANCE_DATA_DIR", DEFAULT_DATA_DIR)
 
+    # Speech-to-text (faster-whisper in-process). Audio never leaves the box.
+    stt_device: Literal["auto", "cuda", "cpu"] = _env("APPLIANCE_STT_DEVICE", "auto")
+    stt_compute_type: str = _env("APPLIANCE_STT_COMPUTE_TYPE", "auto")  # auto: float16 on CUDA, int8 on CPU
+    stt_workers: int = _env("APPLIANCE_STT_WORKERS", 2, ge=1)  # transcriptions the model runs at once
+    stt_max_bytes: int = _env("APPLIANCE_STT_MAX_BYTES", 25 * 1024 * 1024, gt=0)  # upload cap, as OpenAI
+    stt_max_seconds: float = _env("APPLIANCE_STT_MAX_SECONDS", 1800.0, gt=0)  # audio duration cap
+    stt_vad: bool = _env("APPLIANCE_STT_VAD", True)  # skip non-speech in long audio
+    stt_batch_size: int = _env("APPLIANCE_STT_BATCH_SIZE", 8, ge=1)  # windows decoded together
+
     # Clients.
     api_keys: SecretStr | None = _env("APPLIANCE_API_KEYS")  # comma-separated
     keys_file: Path | None = _env("APPLIANCE_KEYS_FILE")
@@ -117,7 +126,7 @@ class Settings(BaseSettings):
     # GPU health (appliance.gpu_monitor): seconds between NVML snapshots shown on /readyz; 0 turns it off.
     gpu_refresh_interval: float = _env("APPLIANCE_GPU_REFRESH_INTERVAL", 30.0, ge=0)
 
-    @field_validator("log_level", "cloud_fallback", mode="before")
+    @field_validator("log_level", "cloud_fallback", "stt_device", "stt_compute_type", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value

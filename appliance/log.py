@@ -62,3 +62,8 @@ def access(fields: dict[str, Any]) -> None:
     if _access_stream is not None:
         entry = {"ts": round(time.time(), 3), "level": "info", "event": "request", **fields}
         _access_stream.write(orjson.dumps(entry).decode() + "\n")
+
+
+def elapsed_ms(start: float) -> float:
+    """Milliseconds since a `time.perf_counter()` reading, rounded for logs."""
+    return round((time.perf_counter() - start) * 1000, 2)

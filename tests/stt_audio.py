@@ -1,0 +1,45 @@
+"""Audio made in the tests with PyAV: a tone over light noise, in each container clients send."""
+
+from __future__ import annotations
+
+import io
+
+import av
+import numpy as np
+
+# name: (container format, codec, sample rate, file name clients would send)
+CONTAINERS = {
+    "wav": ("wav", "pcm_s16le", 16000, "clip.wav"),
+    "mp3": ("mp3", "libmp3lame", 44100, "clip.mp3"),
+    "m4a": ("ipod", "aac", 44100, "clip.m4a"),
+    "ogg": ("ogg", "libopus", 48000, "clip.ogg"),
+    "flac": ("flac", "flac", 22050, "clip.flac"),
+    "webm": ("webm", "libopus", 48000, "clip.webm"),
+}
+
+
+def tone(seconds: float, rate: int, channels: int = 1, seed: int = 0) -> np.ndarray:
+    """float32 samples, shape (channels, n): 440 Hz with a little noise, so codecs have work to do."""
+    n = round(seconds * rate)
+    t = np.arange(n) / rate
+    rng = np.random.default_rng(seed)
+    wave = 0.3 * np.sin(2 * np.pi * 440 * t) + 0.02 * rng.standard_normal(n)
+    return np.tile(wave.astype(np.float32), (channels, 1))
+
+
+def make_audio(kind: str = "wav", seconds: float = 5.0, channels: int = 1) -> tuple[str, bytes]:
+    """(file name, bytes) of `seconds` of audio in container `kind` (a CONTAINERS key)."""
+    fmt, codec, rate, name = CONTAINERS[kind]
+    layout = "mono" if channels == 1 else "stereo"
+    samples = tone(seconds, rate, channels)
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format=fmt) as out:
+        stream = out.add_stream(codec, rate=rate, layout=layout)
+        step = rate // 10
+        for start in range(0, samples.shape[1], step):
+            chunk = np.ascontiguousarray(samples[:, start : start + step])
+            frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=layout)
+            frame.sample_rate, frame.pts = rate, start
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return name, buf.getvalue()
