@@ -84,6 +84,30 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gpu_check(args: argparse.Namespace) -> int:
+    import json
+
+    from appliance.gpu import health_report
+
+    required = round(args.require_memory * 1024) if args.require_memory else None
+    code, verdict = health_report(required_memory_mib=required)
+    if args.json:
+        print(json.dumps(verdict, indent=2))
+        return code
+    status, gpus = verdict["status"], verdict["gpus"]
+    if status == "unavailable":
+        return fail(f"no usable NVIDIA GPU: {verdict['reasons'][0]}", code)
+    for gpu in gpus:
+        total = (gpu.get("memory") or {}).get("total_mib")
+        print(f"GPU {gpu['index']}: {gpu.get('name')}, {total} MiB, driver {gpu.get('driver_version')}")
+    for warning in verdict["warnings"]:
+        print(f"warning: {warning}")
+    for reason in verdict["reasons"]:
+        print(f"unhealthy: {reason}")
+    print(status)
+    return code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="appliance", description=__doc__)
     parser.add_argument("--config", help="YAML configuration file (default: $APPLIANCE_CONFIG)")
@@ -103,6 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     keys_sub.add_parser("add", help="create a key and print it once").add_argument("name")
     keys_sub.add_parser("remove", help="revoke a key").add_argument("name")
     keys.set_defaults(handler=cmd_keys)
+
+    gpu = sub.add_parser("gpu", help="GPU health through NVML")
+    gpu_sub = gpu.add_subparsers(dest="gpu_command", required=True)
+    check = gpu_sub.add_parser(
+        "check", help="exit 0 healthy (warnings listed), 1 unhealthy, 2 no usable NVIDIA driver or GPU"
+    )
+    check.add_argument("--json", action="store_true", help="print the verdict as one JSON object")
+    check.add_argument("--require-memory", type=float, metavar="GIB", help="fail below this much GPU memory")
+    check.set_defaults(handler=cmd_gpu_check)
 
     return parser
 
