@@ -77,3 +77,31 @@ def parse_catalog(data: dict[str, Any]) -> Catalog:
 def load_catalog(path: Path | None = None) -> Catalog:
     with open(path or catalog_path(), "rb") as f:
         return parse_catalog(tomllib.load(f))
+
+
+# Typed views of the model parameters the VRAM planner reads (standard library only, like the rest).
+
+
+@dataclass(frozen=True)
+class RunProfile:
+    """One way to run a speech engine and the GPU memory it takes."""
+
+    vram_mib: int
+    compute_type: str | None = None
+    batch_size: int | None = None
+
+
+def model_profiles(model: CatalogModel) -> tuple[RunProfile, ...]:
+    """A speech model's run profiles, best (largest) first."""
+    return tuple(
+        RunProfile(vram_mib=p["vram_mib"], compute_type=p.get("compute_type"), batch_size=p.get("batch_size"))
+        for p in model.params.get("profile", ())
+    )
+
+
+def model_engine_args(model: CatalogModel) -> tuple[str, ...]:
+    return tuple(model.params.get("engine_args", ()))
+
+
+def model_min_driver(model: CatalogModel) -> str | None:
+    return model.params.get("min_driver")

@@ -108,6 +108,76 @@ def cmd_gpu_check(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from appliance.catalog import load_catalog
+    from appliance.planner import MIB_PER_GIB, PlanPolicy, env_file, plan, smallest_card_for_all_local
+
+    settings = settings_from(args)
+    catalog = load_catalog()
+    global_policy = args.cloud_fallback or settings.cloud_fallback or "on_failure"
+    policies = {
+        r.name: args.cloud_fallback
+        or settings.fallback_policy(r.name, "on_failure" if r.kind == "llm" else "never")
+        for r in catalog.routes
+    }
+    if args.gpu_memory is not None:
+        memory_mib, capability, source = round(args.gpu_memory * MIB_PER_GIB), None, "given"
+    else:
+        found = detect_gpu()
+        if isinstance(found, str):
+            return fail(f"{found}; give the card's size with --gpu-memory GIB to plan without it", 2)
+        memory_mib, capability, source = found
+    policy = PlanPolicy(cloud_fallback=policies, compute_capability=capability)
+    result = plan(catalog, memory_mib, policy)
+    if args.env_file:
+        with open(args.env_file, "w") as f:
+            f.write(env_file(result, global_policy))
+    smallest = (
+        None
+        if len(result.names("local")) == len(catalog.routes)
+        else smallest_card_for_all_local(catalog, policy)
+    )
+    body = {**result.to_dict(), "memory_source": source, "cloud_fallback": policies}
+    body["smallest_card_all_local_gib"] = smallest
+    if args.json:
+        print(json.dumps(body, indent=2))
+    else:
+        print_plan(body)
+    return 0
+
+
+def detect_gpu() -> tuple[int, str | None, str] | str:
+    """(memory MiB, compute capability, where it came from) of the first GPU, or why there is none."""
+    from appliance.gpu import GpuUnavailable, collect_snapshots
+
+    try:
+        gpus = collect_snapshots()
+    except GpuUnavailable as exc:
+        return f"no usable NVIDIA GPU: {exc}"
+    gpu = gpus[0]
+    total = (gpu.get("memory") or {}).get("total_mib")
+    if not total:
+        return "the GPU does not report its memory size"
+    return total, gpu.get("compute_capability"), f"GPU 0: {gpu.get('name')}"
+
+
+def print_plan(body: dict) -> None:
+    mib = body["gpu_memory_mib"]
+    print(f"GPU memory: {mib} MiB ({mib / 1024:.1f} GiB, {body['memory_source']})")
+    for route in body["routes"]:
+        print(f"  {route['placement']:<11} {route['name']}: {route['reason']}")
+    print("start order: " + ", then ".join(f"{s['kind']} ({s['model']})" for s in body["start_order"]))
+    if body["vllm"]:
+        print(f"vLLM {body['vllm']['model']}: " + " ".join(body["vllm"]["args"]))
+    print("memory budget:")
+    for line in body["budget"]:
+        print(f"  {line['mib']:>7} MiB  {line['item']}")
+    if body["smallest_card_all_local_gib"]:
+        print(f"everything runs locally from a {body['smallest_card_all_local_gib']} GiB card up")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="appliance", description=__doc__)
     parser.add_argument("--config", help="YAML configuration file (default: $APPLIANCE_CONFIG)")
@@ -136,6 +206,17 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print the verdict as one JSON object")
     check.add_argument("--require-memory", type=float, metavar="GIB", help="fail below this much GPU memory")
     check.set_defaults(handler=cmd_gpu_check)
+
+    plan = sub.add_parser(
+        "plan", help="which models run on this GPU, which go to the cloud, vLLM's arguments"
+    )
+    plan.add_argument("--gpu-memory", type=float, metavar="GIB", help="plan for a card of this size")
+    plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    plan.add_argument("--env-file", metavar="PATH", help="write what docker-compose.gpu.yml reads")
+    plan.add_argument(
+        "--cloud-fallback", choices=["never", "on_failure", "on_overload"], help="override the policy"
+    )
+    plan.set_defaults(handler=cmd_plan)
 
     return parser
 
