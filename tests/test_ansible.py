@@ -519,6 +519,12 @@ def test_gateway_serves_tls_from_the_rendered_files(site, tmp_path):
             base_url=url + "/v1", api_key=key, max_retries=0, http_client=httpx.Client(verify=trust)
         )
         assert client.models.list().object == "list"
+        # The compose file's health check for the gateway, run against it (HTTPS, its own certificate).
+        compose = yaml.safe_load((REPO / "docker-compose.gpu.yml").read_text())
+        check = compose["services"]["gateway"]["healthcheck"]["test"]
+        assert check[:3] == ["CMD", "python3", "-c"]
+        script = check[3].replace("127.0.0.1:8443", f"127.0.0.1:{port}")
+        assert subprocess.run([sys.executable, "-c", script], timeout=30).returncode == 0
         with pytest.raises(httpx.HTTPError):  # TLS only
             httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
     finally:
