@@ -95,7 +95,9 @@ def create_app(settings: Settings) -> FastAPI:
 
 def _feature_installers() -> list[Callable[[FastAPI, AppState], None]]:
     """Each feature module registers its routes, readiness and background tasks."""
-    return []
+    from appliance import gpu_monitor
+
+    return [gpu_monitor.install]
 
 
 def _install_common_routes(app: FastAPI, state: AppState) -> None:

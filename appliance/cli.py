@@ -87,10 +87,14 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def cmd_gpu_check(args: argparse.Namespace) -> int:
     import json
 
-    from appliance.gpu import health_report
+    from appliance.catalog import load_catalog, model_min_driver
+    from appliance.gpu import Thresholds, health_report
+    from appliance.gpu.health import version_tuple
 
     required = round(args.require_memory * 1024) if args.require_memory else None
-    code, verdict = health_report(required_memory_mib=required)
+    drivers = [d for m in load_catalog().models.values() if (d := model_min_driver(m))]
+    thresholds = Thresholds(min_driver=max(drivers, key=version_tuple, default=None))
+    code, verdict = health_report(required_memory_mib=required, thresholds=thresholds)
     if args.json:
         print(json.dumps(verdict, indent=2))
         return code
@@ -99,7 +103,8 @@ def cmd_gpu_check(args: argparse.Namespace) -> int:
         return fail(f"no usable NVIDIA GPU: {verdict['reasons'][0]}", code)
     for gpu in gpus:
         total = (gpu.get("memory") or {}).get("total_mib")
-        print(f"GPU {gpu['index']}: {gpu.get('name')}, {total} MiB, driver {gpu.get('driver_version')}")
+        memory = "n/a" if total is None else f"{total} MiB"
+        print(f"GPU {gpu['index']}: {gpu.get('name')}, {memory}, driver {gpu.get('driver_version') or 'n/a'}")
     for warning in verdict["warnings"]:
         print(f"warning: {warning}")
     for reason in verdict["reasons"]:

@@ -85,6 +85,9 @@ class Settings(BaseSettings):
 
     log_level: Literal["debug", "info", "warning", "error"] = _env("APPLIANCE_LOG_LEVEL", "info")
 
+    # GPU health (appliance.gpu_monitor): seconds between NVML snapshots shown on /readyz; 0 turns it off.
+    gpu_refresh_interval: float = _env("APPLIANCE_GPU_REFRESH_INTERVAL", 30.0, ge=0)
+
     @field_validator("log_level", "cloud_fallback", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:

@@ -10,13 +10,15 @@ How a card is filled:
 3. One vLLM model: the one that serves the most LLM routes (then the most preferred) and still has room for
    its weights, its runtime overhead and a useful KV cache (`min_num_seqs` sequences of `min_model_len`).
 4. The speech engines move up to their best profile that still leaves vLLM that room.
-5. vLLM gets the rest: `--gpu-memory-utilization` is that share of the whole card, and the KV-cache room
+5. vLLM gets the rest: `--gpu-memory-utilization` is that share of the whole card, rounded down to 1/10000
+   (so what vLLM asks for is never more than is free when it starts), and the KV-cache room
    sets `--max-model-len` (the model's target, halved until enough sequences fit) and `--max-num-seqs`.
 Every LLM route the chosen model does not serve goes to the cloud where policy allows, else is unavailable.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +26,7 @@ from typing import Any
 from appliance.catalog import Catalog, CatalogModel, Route, RunProfile, model_engine_args, model_profiles
 
 MIB_PER_GIB = 1024
+SHARE_STEPS = 10_000  # --gpu-memory-utilization is given to 4 decimals
 START_ORDER = {"tts": 0, "stt": 1, "llm": 2}  # vLLM last: its memory share must be free when it starts
 COMPOSE_PROFILE = {"tts": "tts", "llm": "llm"}  # Whisper runs inside the gateway: no service of its own
 
@@ -72,7 +75,7 @@ class VllmPlan:
 
     def command_args(self) -> list[str]:
         return [
-            "--gpu-memory-utilization", f"{self.gpu_memory_utilization:.2f}",
+            "--gpu-memory-utilization", str(self.gpu_memory_utilization),
             "--max-model-len", str(self.max_model_len),
             "--max-num-seqs", str(self.max_num_seqs),
             *self.args,
@@ -152,7 +155,7 @@ def llm_min_need(model: CatalogModel, policy: PlanPolicy) -> int:
     """Weights + runtime overhead + KV for the fewest useful sequences at the shortest useful length."""
     p = model.params
     kv = policy.min_num_seqs * per_seq_mib(model, min_len(model, policy))
-    return int(p["weights_mib"] + p["runtime_overhead_mib"] + kv + 0.999)
+    return p["weights_mib"] + p["runtime_overhead_mib"] + math.ceil(kv)
 
 
 def size_kv(model: CatalogModel, kv_mib: int, policy: PlanPolicy) -> tuple[int, int]:
@@ -169,6 +172,20 @@ def size_kv(model: CatalogModel, kv_mib: int, policy: PlanPolicy) -> tuple[int, 
 # --- the plan -----------------------------------------------------------------------------------------
 
 
+def share_steps(free_mib: int, total_mib: int) -> int:
+    """vLLM's share of the whole card in 1/10000s, rounded down: it must find that much free at start."""
+    return max(free_mib, 0) * SHARE_STEPS // total_mib
+
+
+def vllm_share(free_mib: int, total_mib: int) -> float:
+    return share_steps(free_mib, total_mib) / SHARE_STEPS
+
+
+def vllm_room(free_mib: int, total_mib: int) -> int:
+    """The whole MiB vLLM gets for its share of the card (integer arithmetic: no float rounding)."""
+    return share_steps(free_mib, total_mib) * total_mib // SHARE_STEPS
+
+
 def headroom_for(total_mib: int, policy: PlanPolicy) -> int:
     return max(policy.headroom_min_mib, round(total_mib * policy.headroom_fraction))
 
@@ -182,16 +199,14 @@ def plan(catalog: Catalog, gpu_memory_mib: int, policy: PlanPolicy | None = None
 
     audio = place_audio(catalog, free, policy, decided)
     free -= sum(s.mib for s in audio)
-    llm_model, llm_routes = choose_llm(catalog, free, policy, decided)
+    llm_model, llm_routes = choose_llm(catalog, vllm_room(free, gpu_memory_mib), policy, decided)
     llm_need = llm_min_need(llm_model, policy) if llm_model else 0
-    free = upgrade_audio(catalog, audio, free, llm_need)
+    free = upgrade_audio(catalog, audio, free, gpu_memory_mib, llm_need)
 
     services = sorted(audio, key=lambda s: START_ORDER[s.kind])
     if llm_model is not None:
         result.vllm = size_vllm(llm_model, free, gpu_memory_mib, policy)
-        services.append(
-            Service("llm", llm_model.id, int(result.vllm.gpu_memory_utilization * gpu_memory_mib))
-        )
+        services.append(Service("llm", llm_model.id, vllm_room(free, gpu_memory_mib)))
         for route in llm_routes:
             decided[route.name] = ("local", llm_model.id, f"served by {llm_model.id} on vLLM")
     result.services = services
@@ -256,7 +271,7 @@ def place_audio(
 
 
 def choose_llm(
-    catalog: Catalog, free: int, policy: PlanPolicy, decided: dict[str, tuple[str, str | None, str]]
+    catalog: Catalog, room: int, policy: PlanPolicy, decided: dict[str, tuple[str, str | None, str]]
 ) -> tuple[CatalogModel | None, list[Route]]:
     """The one vLLM model to run, and the LLM routes it serves; decides the other LLM routes."""
     llm_routes = catalog.routes_of_kind("llm")
@@ -274,7 +289,7 @@ def choose_llm(
             catalog.models[m]
             for m in ranked
             if compatible(catalog.models[m], policy) is None
-            and llm_min_need(catalog.models[m], policy) <= free
+            and llm_min_need(catalog.models[m], policy) <= room
         ),
         None,
     )
@@ -282,13 +297,13 @@ def choose_llm(
     for route in llm_routes:
         if route not in served:
             decided[route.name] = not_local(
-                route, policy, llm_shortfall(catalog, route, free, policy, chosen)
+                route, policy, llm_shortfall(catalog, route, room, policy, chosen)
             )
     return chosen, served
 
 
 def llm_shortfall(
-    catalog: Catalog, route: Route, free: int, policy: PlanPolicy, chosen: CatalogModel | None
+    catalog: Catalog, route: Route, room: int, policy: PlanPolicy, chosen: CatalogModel | None
 ) -> str:
     """Why no local model serves this LLM route, in terms of its most preferred model."""
     reasons = []
@@ -298,19 +313,19 @@ def llm_shortfall(
             continue
         if (why := compatible(model, policy)) is not None:
             reasons.append(f"{model_id} {why}")
-        elif (need := llm_min_need(model, policy)) > free:
-            reasons.append(f"{model_id} needs {need} MiB, {free} MiB left after speech")
+        elif (need := llm_min_need(model, policy)) > room:
+            reasons.append(f"{model_id} needs {need} MiB, {room} MiB left for vLLM after speech")
         elif chosen is not None:
             reasons.append(f"only one vLLM model runs and {chosen.id} serves more routes")
     return "; ".join(reasons[:1]) or "no local model"
 
 
-def upgrade_audio(catalog: Catalog, audio: list[Service], free: int, keep_mib: int) -> int:
+def upgrade_audio(catalog: Catalog, audio: list[Service], free: int, total: int, keep_mib: int) -> int:
     """Move each speech engine to its best profile that still leaves `keep_mib` for vLLM."""
     for service in audio:
         for profile in model_profiles(catalog.models[service.model]):  # best first
             extra = profile.vram_mib - service.mib
-            if extra <= 0 or free - extra >= keep_mib:
+            if extra <= 0 or vllm_room(free - extra, total) >= keep_mib:
                 free -= max(extra, 0)
                 if extra > 0:
                     service.mib, service.profile = profile.vram_mib, profile
@@ -319,9 +334,8 @@ def upgrade_audio(catalog: Catalog, audio: list[Service], free: int, keep_mib: i
 
 
 def size_vllm(model: CatalogModel, free: int, total: int, policy: PlanPolicy) -> VllmPlan:
-    # Round the share down, so the memory left free at vLLM's start is never below the headroom.
-    utilization = int(free / total * 100) / 100
-    budget = int(utilization * total)
+    utilization = vllm_share(free, total)
+    budget = vllm_room(free, total)
     weights, overhead = model.params["weights_mib"], model.params["runtime_overhead_mib"]
     kv = budget - weights - overhead
     max_model_len, max_num_seqs = size_kv(model, kv, policy)
@@ -375,7 +389,7 @@ def env_file(result: Plan, cloud_fallback: str) -> str:
         "COMPOSE_PROFILES": ",".join(profiles),
         "LLM_MODEL": v.model if v else "",
         "LLM_SERVED_NAME": v.model if v else "",
-        "LLM_GPU_MEMORY_UTILIZATION": f"{v.gpu_memory_utilization:.2f}" if v else "",
+        "LLM_GPU_MEMORY_UTILIZATION": str(v.gpu_memory_utilization) if v else "",
         "LLM_MAX_MODEL_LEN": str(v.max_model_len) if v else "",
         "LLM_MAX_NUM_SEQS": str(v.max_num_seqs) if v else "",
         "LLM_EXTRA_ARGS": " ".join(v.args) if v else "",

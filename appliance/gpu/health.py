@@ -15,8 +15,9 @@ MAX_RETIRED_PAGES = 60
 # Our own conservative limit for rows remapped because of uncorrectable errors; a remap *failure*
 # (bank out of spare rows) always fails. See NVIDIA's "GPU Memory Error Management", row remapping.
 MAX_UNCORRECTABLE_REMAPS = 8
-# Oldest driver branch the engine images run on (see models/catalog.toml `min_driver`).
-MIN_DRIVER = "550.54"
+# The oldest driver the engines run on: the vLLM image's CUDA 12.9 (models/catalog.toml `min_driver`;
+# `appliance gpu check` reads it from there, this is the default when no catalog is at hand).
+MIN_DRIVER = "575.51.03"
 
 THERMAL_EVENTS = ("sw_thermal_slowdown", "hw_thermal_slowdown", "hw_slowdown")
 POWER_EVENTS = ("sw_power_cap", "hw_power_brake_slowdown")
