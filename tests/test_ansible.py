@@ -525,6 +525,14 @@ def test_gateway_serves_tls_from_the_rendered_files(site, tmp_path):
         assert check[:3] == ["CMD", "python3", "-c"]
         script = check[3].replace("127.0.0.1:8443", f"127.0.0.1:{port}")
         assert subprocess.run([sys.executable, "-c", script], timeout=30).returncode == 0
+        # The smoke test reaches it over TLS, trusting only the generated certificate. Nothing is
+        # servable here (no engines), so it must stop at readiness, saying so, before making a key.
+        smoke = site.play("smoke", smoke_test_url=url, smoke_test_ready_retries=1, smoke_test_ready_delay=0)
+        assert smoke.returncode != 0
+        failed_task = re.findall(r"^TASK \[(.+?)\]", smoke.stdout, re.M)[-1]
+        assert failed_task == "smoke_test : Wait until the gateway is ready"
+        assert "status: 503" in smoke.stdout and "CERTIFICATE_VERIFY_FAILED" not in smoke.stdout
+        assert "smoke-test" not in (site.data / "keys").read_text()
         with pytest.raises(httpx.HTTPError):  # TLS only
             httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
     finally:
