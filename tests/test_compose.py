@@ -131,7 +131,7 @@ def test_compose_file_is_valid_against_the_compose_schema(raw, validator):
     assert set(raw["services"]) == {"vllm", "tts", "gateway"}
 
 
-@pytest.mark.parametrize("gib", [24, 48, 80])
+@pytest.mark.parametrize("gib", [16, 24, 48, 80])
 def test_planner_and_site_env_fill_every_variable_and_the_result_is_valid(tmp_path, validator, gib):
     plan_env, _ = planner(tmp_path, gib)
     used = variables(COMPOSE_FILE.read_text())
