@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
@@ -27,6 +28,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from appliance.auth import KeyStore
     from appliance.log import event, setup_logging
 
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        return fail("--ssl-certfile and --ssl-keyfile go together")
+    for tls_file in filter(None, (args.ssl_certfile, args.ssl_keyfile)):
+        if not os.access(tls_file, os.R_OK):
+            return fail(f"cannot read TLS file {tls_file}")
     settings = settings_from(args)
     try:
         keys = KeyStore(settings.client_keys, settings.resolved_keys_file)
@@ -48,6 +54,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=10,
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
     )
     return 0
 
@@ -226,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--config", default=argparse.SUPPRESS, help="YAML configuration file")
+    serve.add_argument("--ssl-certfile", help="serve HTTPS with this PEM certificate (chain)")
+    serve.add_argument("--ssl-keyfile", help="the PEM private key of --ssl-certfile")
     serve.set_defaults(handler=cmd_serve)
 
     keys = sub.add_parser("keys", help="manage client API keys (only their hashes are stored)")
