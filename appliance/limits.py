@@ -7,8 +7,15 @@ from starlette.requests import Request
 from appliance.errors import APIError
 
 
-def too_large(cap: int) -> APIError:
-    return APIError(413, f"Request body is larger than the limit of {cap} bytes.", code="request_too_large")
+def too_large(
+    cap: int, subject: str = "The request body", param: str | None = None, code: str = "request_too_large"
+) -> APIError:
+    return APIError(
+        413,
+        f"{subject} is larger than this appliance accepts ({cap / 1024 / 1024:g} MB).",
+        param=param,
+        code=code,
+    )
 
 
 async def read_body(request: Request, cap: int) -> bytes:

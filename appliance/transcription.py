@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from appliance.app import AppState
 from appliance.audio.decode import AudioError, AudioTooLongError, EmptyAudioError, TruncatedAudioError
 from appliance.errors import APIError, bad_request
+from appliance.limits import too_large
 from appliance.middleware import request_context
 from appliance.stt import (
     LANGUAGES,
@@ -244,7 +245,7 @@ class _FormBuilder:
     def part_data(self, data: bytes, start: int, end: int) -> None:
         self.data += data[start:end]
         if self.is_file and len(self.data) > self.max_file_bytes:
-            raise too_large(self.max_file_bytes)
+            raise file_too_large(self.max_file_bytes)
         if not self.is_file and len(self.data) > MAX_FIELD_BYTES:
             raise bad_request(f"Form field '{self.name}' is too long.", self.name or None)
 
@@ -260,13 +261,8 @@ class _FormBuilder:
         self.data = bytearray()
 
 
-def too_large(limit: int) -> APIError:
-    return APIError(
-        413,
-        f"The audio file is larger than this appliance accepts ({limit / 1024 / 1024:g} MB).",
-        param="file",
-        code="file_too_large",
-    )
+def file_too_large(limit: int) -> APIError:
+    return too_large(limit, "The audio file", param="file", code="file_too_large")
 
 
 async def read_form(request: Request, max_file_bytes: int) -> Form:
@@ -280,7 +276,7 @@ async def read_form(request: Request, max_file_bytes: int) -> Form:
     if declared and declared.isdigit() and int(declared) > max_body:
         if int(declared) <= max_body + DRAIN_BYTES:
             await _drain(request.stream())
-        raise too_large(max_file_bytes)
+        raise file_too_large(max_file_bytes)
     builder = _FormBuilder(max_file_bytes)
     parser = MultipartParser(boundary, builder.callbacks())
     chunks = request.stream()
@@ -289,7 +285,7 @@ async def read_form(request: Request, max_file_bytes: int) -> Form:
         async for chunk in chunks:
             received += len(chunk)
             if received > max_body:
-                raise too_large(max_file_bytes)
+                raise file_too_large(max_file_bytes)
             parser.write(chunk)
         parser.finalize()
     except APIError as exc:

@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from appliance.config import load_settings
+from tests.gpu_snapshots import healthy_gpu
 from tests.harness import REPO, clean_env, free_port
 
 ANSIBLE_DIR = REPO / "ansible"
@@ -46,41 +47,10 @@ def ansible_env(tmp: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-# --- GPU snapshots, shaped as appliance.gpu.collect_snapshots() returns them ------------------------------
-
-
 def gpu(**changes: Any) -> dict[str, Any]:
-    """A healthy 24 GB-class card (an L4); `changes` replace top-level fields."""
-    snapshot = {
-        "index": 0,
-        "name": "NVIDIA L4",
-        "uuid": "GPU-5f0e0c4e-1b2a-4c8d-9e77-0123456789ab",
-        "driver_version": "580.95.05",
-        "cuda_driver_version": "13.0",
-        "compute_capability": "8.9",
-        "memory": {"total_mib": 23034, "used_mib": 1, "free_mib": 22533},
-        "temperature_c": 41,
-        "temperature_slowdown_c": 87,
-        "temperature_shutdown_c": 92,
-        "power_w": 16.3,
-        "power_limit_w": 72.0,
-        "utilization": {"gpu_percent": 0, "memory_percent": 0},
-        "clock_event_reasons": ["gpu_idle"],
-        "ecc": {
-            "enabled": True,
-            "volatile": {"corrected": 0, "uncorrected": 0},
-            "aggregate": {"corrected": 0, "uncorrected": 0},
-        },
-        "retired_pages": None,
-        "row_remap": {"correctable": 0, "uncorrectable": 0, "pending": False, "failure": False},
-        "recovery_action": "none",
-        "pcie": {"generation": 4, "max_generation": 4, "width": 16, "max_width": 16},
-        "persistence_mode": True,
-        "mig_mode": None,
-        "processes": [],
-    }
-    snapshot.update(changes)
-    return snapshot
+    """A healthy 24 GB-class card (an L4, which reports 23,034 MiB)."""
+    l4 = {"name": "NVIDIA L4", "memory": {"total_mib": 23034, "used_mib": 1, "free_mib": 22533}}
+    return healthy_gpu(**{**l4, **changes})
 
 
 def run_module(tmp_path: Path, args: dict[str, Any], pythonpath: str | None = str(REPO)) -> dict[str, Any]:

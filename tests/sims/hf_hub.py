@@ -13,11 +13,12 @@ None. `downloads` counts the GETs of each file.
 from __future__ import annotations
 
 import hashlib
-import socket
 from collections import Counter
 from dataclasses import dataclass, field
 
 from aiohttp import web
+
+from tests.sims.server import serve_on_loopback
 
 
 @dataclass
@@ -37,12 +38,8 @@ class HubSimulator:
         app.router.add_get("/api/models/{owner}/{name}/revision/{revision}", self._repo_info)
         app.router.add_get("/api/models/{owner}/{name}/tree/{revision}", self._tree)
         app.router.add_route("*", "/{owner}/{name}/resolve/{revision}/{path:.+}", self._resolve)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1)
-        await self._runner.setup()
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        await web.SockSite(self._runner, sock).start()
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self._runner, port = await serve_on_loopback(app)
+        self.url = f"http://127.0.0.1:{port}"
         return self.url
 
     async def stop(self) -> None:

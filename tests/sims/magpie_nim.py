@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import io
-import socket
 import time
 import wave
 from dataclasses import dataclass, field
 
 import numpy as np
 from aiohttp import web
+
+from tests.sims.server import serve_on_loopback
 
 # Locales as the docs' list_voices example shows them; speakers and styles from the NIM's voice docs.
 LOCALES = "en-US,es-US,fr-FR,de-DE,zh-CN,vi-VN,it-IT,hi-IN,ja-JP"
@@ -96,12 +97,8 @@ class MagpieNIM:
         app.router.add_get("/v1/audio/list_voices", self._list_voices)
         app.router.add_post("/v1/audio/synthesize", self._synthesize)
         app.router.add_post("/v1/audio/synthesize_online", self._synthesize_online)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1)
-        await self._runner.setup()
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        await web.SockSite(self._runner, sock).start()
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self._runner, port = await serve_on_loopback(app)
+        self.url = f"http://127.0.0.1:{port}"
         return self.url
 
     async def stop(self) -> None:

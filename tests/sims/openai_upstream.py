@@ -18,6 +18,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from tests.sims.server import serve_on_loopback
+
 FAILURE = web.RequestKey("failure", object)
 REPLY = "Your sentence is correct. Well done!"
 REASONING = "The user wants a check. The sentence has no errors."
@@ -60,7 +62,6 @@ class OpenAIUpstream:
         self.healthy = True
         self.port = 0
         self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
 
     # Lifecycle (call through the test's BackgroundLoop).
 
@@ -72,11 +73,7 @@ class OpenAIUpstream:
         if self.flavor == "vllm":
             app.router.add_get("/health", self._health)
             app.router.add_get("/metrics", self._metrics)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.2)
-        await self._runner.setup()
-        self._site = web.TCPSite(self._runner, "127.0.0.1", port or self.port)
-        await self._site.start()
-        self.port = self._site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, self.port = await serve_on_loopback(app, port or self.port)
         return self
 
     async def stop(self) -> None:
