@@ -5,6 +5,7 @@ gateway (one uvicorn worker, same machine), reported as ratios and added latency
 
 Non-streaming chat uses `wrk` (Debian package `wrk`) at 1, 32 and 256 connections; streaming uses
 500 concurrent SSE streams from an aiohttp client, measuring time to first token and inter-chunk delay.
+Speech-to-text and text-to-speech sections come from `tests/bench/stt.py` and `tests/bench/tts.py`.
 """
 
 from __future__ import annotations
@@ -185,7 +186,14 @@ def llm_benchmark(seconds: float, stream_count: int) -> str:
 
 
 def sections() -> dict[str, Callable[[argparse.Namespace], str]]:
-    return {"llm": lambda a: llm_benchmark(a.seconds, a.streams)}
+    from tests.bench.stt import run_stt_benchmark
+    from tests.bench.tts import run_tts_benchmark
+
+    return {
+        "llm": lambda a: llm_benchmark(a.seconds, a.streams),
+        "stt": lambda a: run_stt_benchmark(),
+        "tts": lambda a: run_tts_benchmark(),
+    }
 
 
 def main() -> None:
