@@ -165,12 +165,20 @@ def test_module_argument_spec_rejects_bad_arguments(tmp_path):
 
 
 def test_module_finds_the_package_through_python_path(tmp_path):
+    result = run_module(tmp_path, {"snapshot": [gpu()], "python_path": [str(REPO)]}, pythonpath=None)
+    assert not result.get("failed") and result["status"] == "healthy"
+
+
+def test_module_without_the_package_says_to_set_python_path(tmp_path):
+    env = clean_env()
+    env.pop("PYTHONPATH")
+    probe = [sys.executable, "-c", "import importlib.util as u; print(u.find_spec('appliance') is not None)"]
+    if subprocess.run(probe, env=env, cwd=tmp_path, capture_output=True, text=True).stdout.strip() == "True":
+        pytest.skip("this interpreter has the appliance package installed")
     result = run_module(tmp_path, {"snapshot": [gpu()]}, pythonpath=None)
     assert result["failed"] is True
     assert result["msg"].startswith(f"cannot import appliance.gpu with {sys.executable}")
     assert "python_path" in result["msg"]
-    result = run_module(tmp_path, {"snapshot": [gpu()], "python_path": [str(REPO)]}, pythonpath=None)
-    assert not result.get("failed") and result["status"] == "healthy"
 
 
 def test_module_in_check_mode_through_ansible_sets_facts(tmp_path):
