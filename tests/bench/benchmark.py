@@ -1,5 +1,6 @@
-"""The gateway's cost, measured in one run: the same fast upstream called directly and through the
-gateway (one uvicorn worker, same machine), reported as ratios and added latency.
+"""The gateway's cost, measured in one run: the same fast upstream called directly, through the
+gateway (one uvicorn worker, same machine), and through the plainest FastAPI + aiohttp relay
+(`tests/bench/bare_relay.py`) as a reference, reported as ratios and added latency.
 
     python -m tests.bench.benchmark [--seconds 5] [--only llm,stt,tts]
 
@@ -58,10 +59,10 @@ def process(cmd: list[str], env: dict[str, str], ready_url: str) -> Iterator[Non
 
 
 @contextmanager
-def stack(chunks: int, interval: float) -> Iterator[tuple[str, str]]:
-    """A fast upstream and a gateway in front of it; yields (direct base URL, gateway base URL)."""
-    up, gw = free_port(), free_port()
-    env = clean_env()
+def stack(chunks: int, interval: float) -> Iterator[tuple[str, str, str]]:
+    """A fast upstream, the gateway and the bare reference relay in front of it; yields their base URLs
+    (direct, gateway, bare relay)."""
+    up, gw, bare = free_port(), free_port(), free_port()
     upstream = [
         sys.executable,
         "-m",
@@ -72,15 +73,33 @@ def stack(chunks: int, interval: float) -> Iterator[tuple[str, str]]:
         "--interval",
         str(interval),
     ]
-    with process(upstream, env, f"http://127.0.0.1:{up}/v1/models"):
-        gw_env = clean_env(
-            APPLIANCE_API_KEYS=CLIENT_KEY,
-            APPLIANCE_LLM_URL=f"http://127.0.0.1:{up}/v1",
-            APPLIANCE_DATA_DIR=tempfile.mkdtemp(),
-        )
-        gateway = [sys.executable, "-m", "appliance", "serve", "--port", str(gw)]
-        with process(gateway, gw_env, f"http://127.0.0.1:{gw}/healthz"):
-            yield f"http://127.0.0.1:{up}/v1", f"http://127.0.0.1:{gw}/v1"
+    gw_env = clean_env(
+        APPLIANCE_API_KEYS=CLIENT_KEY,
+        APPLIANCE_LLM_URL=f"http://127.0.0.1:{up}/v1",
+        APPLIANCE_DATA_DIR=tempfile.mkdtemp(),
+    )
+    gateway = [sys.executable, "-m", "appliance", "serve", "--port", str(gw)]
+    reference = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "tests.bench.bare_relay:app",
+        "--port",
+        str(bare),
+        "--loop",
+        "uvloop",
+        "--http",
+        "httptools",
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
+    with (
+        process(upstream, clean_env(), f"http://127.0.0.1:{up}/v1/models"),
+        process(gateway, gw_env, f"http://127.0.0.1:{gw}/healthz"),
+        process(reference, clean_env(UPSTREAM=f"http://127.0.0.1:{up}"), f"http://127.0.0.1:{bare}/healthz"),
+    ):
+        yield f"http://127.0.0.1:{up}/v1", f"http://127.0.0.1:{gw}/v1", f"http://127.0.0.1:{bare}/v1"
 
 
 def wrk(url: str, connections: int, seconds: float) -> tuple[float, float, float]:
@@ -156,19 +175,22 @@ def pctl(values: list[float], p: float) -> float:
 
 def llm_benchmark(seconds: float, stream_count: int) -> str:
     rows = [
-        "| load | direct req/s | gateway req/s | ratio | direct p50 / p99 ms | gateway p50 / p99 ms "
-        "| added p50 / p99 ms |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| load | direct req/s | bare relay req/s | gateway req/s | gateway / bare relay "
+        "| direct p50 / p99 ms | bare relay adds p50 / p99 ms | gateway adds p50 / p99 ms |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     interval = 0.05
-    with stack(chunks=20, interval=interval) as (direct, gateway):
-        wrk(gateway, 8, 1)  # warm up connections and code paths
+    with stack(chunks=20, interval=interval) as (direct, gateway, bare):
+        for url in (gateway, bare):
+            wrk(url, 8, 1)  # warm up connections and code paths
         for connections in (1, 32, 256):
             d_rps, d50, d99 = wrk(direct, connections, seconds)
+            b_rps, b50, b99 = wrk(bare, connections, seconds)
             g_rps, g50, g99 = wrk(gateway, connections, seconds)
             rows.append(
-                f"| chat, {connections} conn | {d_rps:,.0f} | {g_rps:,.0f} | {g_rps / d_rps:.2f} "
-                f"| {d50:.2f} / {d99:.2f} | {g50:.2f} / {g99:.2f} | {g50 - d50:+.2f} / {g99 - d99:+.2f} |"
+                f"| chat, {connections} conn | {d_rps:,.0f} | {b_rps:,.0f} | {g_rps:,.0f} "
+                f"| {g_rps / b_rps:.2f} | {d50:.2f} / {d99:.2f} | {b50 - d50:+.2f} / {b99 - d99:+.2f} "
+                f"| {g50 - d50:+.2f} / {g99 - d99:+.2f} |"
             )
         d_ttft, d_gaps = asyncio.run(streams(direct, stream_count))
         g_ttft, g_gaps = asyncio.run(streams(gateway, stream_count))
