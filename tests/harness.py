@@ -62,6 +62,20 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def run_appliance(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """`appliance ARGS` in a subprocess, as an admin would run it (a clean environment unless given)."""
+    return subprocess.run(
+        [sys.executable, "-m", "appliance", *args],
+        env=clean_env() if env is None else env,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+    )
+
+
 class Gateway:
     """`appliance serve` in a subprocess, as an admin would run it."""
 

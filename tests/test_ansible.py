@@ -23,7 +23,7 @@ import yaml
 
 from appliance.config import load_settings
 from tests.gpu_snapshots import healthy_gpu
-from tests.harness import REPO, clean_env, free_port
+from tests.harness import REPO, clean_env, free_port, run_appliance
 
 ANSIBLE_DIR = REPO / "ansible"
 MODULE = ANSIBLE_DIR / "library" / "nvml_health.py"
@@ -527,14 +527,7 @@ def test_serve_wants_both_tls_files(tmp_path):
         ["--ssl-certfile", str(cert)],
         ["--ssl-certfile", str(cert), "--ssl-keyfile", str(missing_key)],
     ):
-        proc = subprocess.run(
-            [sys.executable, "-m", "appliance", "serve", *args],
-            env=clean_env(APPLIANCE_API_KEYS="k"),
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            timeout=60,
-        )
+        proc = run_appliance("serve", *args, env=clean_env(APPLIANCE_API_KEYS="k"))
         assert proc.returncode == 1
         assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
 

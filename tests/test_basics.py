@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 
 import httpx
 import openai
 import pytest
 
-from tests.harness import REPO, clean_env
+from tests.harness import clean_env, run_appliance
 from tests.openapi import validate
 
 
@@ -63,14 +62,7 @@ def test_unknown_model_is_404(start_gateway):
     ],
 )
 def test_invalid_configuration_is_one_clear_line(env, names):
-    proc = subprocess.run(
-        [sys.executable, "-m", "appliance", "serve", "--port", "1"],
-        env=clean_env(APPLIANCE_API_KEYS="k", **env),
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-    )
+    proc = run_appliance("serve", "--port", "1", env=clean_env(APPLIANCE_API_KEYS="k", **env))
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -81,27 +73,13 @@ def test_invalid_configuration_is_one_clear_line(env, names):
 def test_yaml_file_with_unknown_setting_names_it(tmp_path):
     config = tmp_path / "appliance.yaml"
     config.write_text("cloud_fallback: never\nllm_ulr: http://127.0.0.1:8000/v1\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "appliance", "serve", "--config", str(config)],
-        env=clean_env(APPLIANCE_API_KEYS="k"),
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-    )
+    proc = run_appliance("serve", "--config", str(config), env=clean_env(APPLIANCE_API_KEYS="k"))
     assert proc.returncode == 2
     assert "llm_ulr" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_serve_without_any_client_key_refuses_to_start(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "appliance", "serve"],
-        env=clean_env(APPLIANCE_DATA_DIR=str(tmp_path)),
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-    )
+    proc = run_appliance("serve", env=clean_env(APPLIANCE_DATA_DIR=str(tmp_path)))
     assert proc.returncode == 1
     assert "appliance keys add" in proc.stderr
 
@@ -110,14 +88,7 @@ def test_keys_file_holds_only_hashes_and_is_reloaded(start_gateway, tmp_path):
     env = clean_env(APPLIANCE_DATA_DIR=str(tmp_path / "keys-data"))
 
     def keys(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "appliance", "keys", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            timeout=60,
-        )
+        return run_appliance("keys", *args, env=env)
 
     key = keys("add", "teacher-app").stdout.strip()
     assert key.startswith("sk-appliance-")

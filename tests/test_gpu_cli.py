@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.harness import REPO, clean_env
+from tests.harness import REPO, clean_env, run_appliance
 from tests.sims.nvml import FAKE_DIR, write_config
 
 
@@ -25,14 +24,7 @@ def appliance(
         assert tmp_path is not None
         env["PYTHONPATH"] = f"{FAKE_DIR}:{REPO}"
         env["FAKE_NVML_CONFIG"] = str(write_config(tmp_path / "nvml.json", fake))
-    return subprocess.run(
-        [sys.executable, "-m", "appliance", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-    )
+    return run_appliance(*args, env=env)
 
 
 def test_gpu_check_without_a_driver_is_exit_2_with_one_line_and_no_traceback():

@@ -5,14 +5,13 @@ Downloads come from a loopback stand-in for the Hugging Face Hub (tests/sims/hf_
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.harness import REPO, BackgroundLoop, clean_env
+from tests.harness import BackgroundLoop, clean_env, run_appliance
 from tests.sims.hf_hub import HubSimulator
 from tests.stt_audio import make_audio
 from tests.stt_gateway import start_stt_gateway
@@ -39,14 +38,7 @@ def appliance(*args: str, data_dir: Path, hub_url: str = "http://127.0.0.1:9") -
         HF_HOME=str(data_dir / "hf-home"),
         HF_HUB_DISABLE_TELEMETRY="1",
     )
-    return subprocess.run(
-        [sys.executable, "-m", "appliance", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-    )
+    return run_appliance(*args, env=env, timeout=120)
 
 
 def test_pull_verify_list_then_serve_from_disk(hub, tmp_path):

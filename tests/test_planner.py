@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 
 from appliance.catalog import load_catalog, parse_catalog
 from appliance.planner import PlanPolicy, env_file, plan, size_kv, smallest_card_for_all_local
-from tests.harness import REPO, clean_env
+from tests.harness import REPO, clean_env, run_appliance
 from tests.sims.nvml import FAKE_DIR, write_config
 
 TIER1, TIER2 = "nvidia/nemotron-mini-4b-instruct", "nvidia/nemotron-3-nano-30b-a3b"
@@ -285,14 +284,7 @@ def run_plan(*args: str, fake: dict | None = None, tmp_path=None, **env: str) ->
     if fake is not None:
         environ["PYTHONPATH"] = f"{FAKE_DIR}:{REPO}"
         environ["FAKE_NVML_CONFIG"] = str(write_config(tmp_path / "nvml.json", fake))
-    return subprocess.run(
-        [sys.executable, "-m", "appliance", "plan", *args],
-        env=environ,
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-    )
+    return run_appliance("plan", *args, env=environ)
 
 
 def test_plan_json_and_env_file(tmp_path):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import itertools
-import subprocess
-import sys
 import time
 import wave
 from collections.abc import Callable, Iterator
@@ -19,7 +17,7 @@ import pytest
 from aiohttp import web
 
 from appliance.tts import pcm_from_wav, split_text
-from tests.harness import CLIENT_KEY, REPO, Gateway, clean_env
+from tests.harness import CLIENT_KEY, Gateway, clean_env, run_appliance
 from tests.openapi import validate
 from tests.sims.magpie_nim import MagpieNIM
 
@@ -421,13 +419,8 @@ def test_speech_never_goes_to_the_cloud(start_gateway, bg_loop, nim):
 
 
 def test_invalid_voice_table_is_one_clear_line():
-    proc = subprocess.run(
-        [sys.executable, "-m", "appliance", "serve", "--port", "1"],
-        env=clean_env(APPLIANCE_API_KEYS="k", APPLIANCE_TTS_VOICES="[alloy, echo]"),
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
+    proc = run_appliance(
+        "serve", "--port", "1", env=clean_env(APPLIANCE_API_KEYS="k", APPLIANCE_TTS_VOICES="[alloy, echo]")
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "APPLIANCE_TTS_VOICES" in proc.stderr
