@@ -91,6 +91,8 @@ class Settings(BaseSettings):
     stt_max_seconds: float = _env("APPLIANCE_STT_MAX_SECONDS", 1800.0, gt=0)  # audio duration cap
     stt_vad: bool = _env("APPLIANCE_STT_VAD", True)  # skip non-speech in long audio
     stt_batch_size: int = _env("APPLIANCE_STT_BATCH_SIZE", 8, ge=1)  # windows decoded together
+    # Requests in progress (upload, decode, inference) before new ones get a 429: bounds memory.
+    stt_max_pending: int = _env("APPLIANCE_STT_MAX_PENDING", 16, ge=1)
 
     # Clients.
     api_keys: SecretStr | None = _env("APPLIANCE_API_KEYS")  # comma-separated

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from starlette.requests import Request
 
 from appliance.errors import APIError
@@ -35,3 +38,28 @@ async def read_body(request: Request, cap: int) -> bytes:
             raise too_large(cap)
         parts.append(part)
     return b"".join(parts)
+
+
+class Admission:
+    """Caps the requests a route works on at once, so that queued uploads cannot exhaust memory;
+    past the cap the client gets a 429 with Retry-After instead of a long wait."""
+
+    def __init__(self, limit: int, what: str) -> None:
+        self.limit = limit
+        self.what = what
+        self.active = 0
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        if self.active >= self.limit:
+            raise APIError(
+                429,
+                f"The appliance is busy with {self.active} {self.what} requests; try again shortly.",
+                code="busy",
+                headers={"retry-after": "2"},
+            )
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1

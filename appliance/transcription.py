@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from appliance.app import AppState
 from appliance.audio.decode import AudioError, AudioTooLongError, EmptyAudioError, TruncatedAudioError
 from appliance.errors import APIError, bad_request
-from appliance.limits import too_large
+from appliance.limits import Admission, too_large
 from appliance.middleware import request_context
 from appliance.stt import (
     LANGUAGES,
@@ -46,6 +46,7 @@ DRAIN_BYTES = 256 * 1024 * 1024
 
 def install(app: FastAPI, state: AppState) -> None:
     engine = SpeechEngine(state.settings, state.catalog)
+    admission = Admission(state.settings.stt_max_pending, "speech-to-text")
     state.readiness["stt"] = engine.status
     state.availability["stt"] = lambda route: engine.ready
     state.startup.append(engine.start)
@@ -53,11 +54,13 @@ def install(app: FastAPI, state: AppState) -> None:
 
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(request: Request) -> Response:
-        return await serve(request, state, engine, "transcribe")
+        with admission.slot():
+            return await serve(request, state, engine, "transcribe")
 
     @app.post("/v1/audio/translations")
     async def translations(request: Request) -> Response:
-        return await serve(request, state, engine, "translate")
+        with admission.slot():
+            return await serve(request, state, engine, "translate")
 
 
 async def serve(request: Request, state: AppState, engine: SpeechEngine, task: Task) -> Response:

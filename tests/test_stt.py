@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -451,3 +452,32 @@ def test_engine_answers_503_loading_until_its_model_is_in(whisper_dir):
     engine.load()
     engine.require_ready()
     assert engine.status()["ready"]
+
+
+def test_past_the_pending_cap_new_requests_get_a_429_not_a_queue(whisper_dir, tmp_path):
+    gateway = start_stt_gateway(
+        tmp_path,
+        "busy",
+        APPLIANCE_STT_MODEL=str(whisper_dir),
+        APPLIANCE_STT_VAD="false",
+        APPLIANCE_STT_MAX_PENDING="1",
+        APPLIANCE_STT_WORKERS="1",
+    )
+    try:
+        name, data = make_audio("wav", 60.0)
+        with ThreadPoolExecutor(4) as pool, gateway.http(timeout=120) as http:
+            results = list(
+                pool.map(
+                    lambda _: http.post(
+                        "/v1/audio/transcriptions", files={"file": (name, data)}, data={"model": "whisper-1"}
+                    ),
+                    range(4),
+                )
+            )
+        statuses = sorted(r.status_code for r in results)
+        assert statuses[0] == 200 and statuses[-1] == 429, statuses
+        busy = next(r for r in results if r.status_code == 429)
+        validate("ErrorResponse", busy.json())
+        assert busy.json()["error"]["code"] == "busy" and busy.headers["retry-after"] == "2"
+    finally:
+        gateway.stop()
