@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
 REQUESTS = Counter(
@@ -24,11 +26,19 @@ FALLBACKS = Counter(
 TOKENS = Counter("appliance_tokens_total", "Tokens reported by the engines.", ["model", "direction"])
 
 
+# Labelled children, looked up once: `labels()` costs more than the increment on the hot path.
+_request_series: dict[tuple[str, int, str | None], tuple[Any, Any]] = {}
+
+
 def record_request(path: str, status: int, target: str | None, seconds: float) -> None:
-    if status == 404:
-        path = "unmatched"  # arbitrary client paths must not become label values
-    REQUESTS.labels(path, str(status), target or "none").inc()
-    LATENCY.labels(path).observe(seconds)
+    series = _request_series.get((path, status, target))
+    if series is None:
+        label = "unmatched" if status == 404 else path  # arbitrary client paths must not become labels
+        series = (REQUESTS.labels(label, str(status), target or "none"), LATENCY.labels(label))
+        if status != 404:
+            _request_series[(path, status, target)] = series
+    series[0].inc()
+    series[1].observe(seconds)
 
 
 def record_tokens(model: str, prompt: int | None, completion: int | None) -> None:
