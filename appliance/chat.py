@@ -60,6 +60,7 @@ class UpstreamFailure(Exception):
         self.reason = reason
         self.status = status
         self.retry_after = retry_after
+        self.target = ""  # set by the relay: which target failed
 
 
 class CloudKeyRejected(UpstreamFailure):
@@ -136,6 +137,7 @@ class Relay:
             try:
                 response = await self._try(attempt)
             except UpstreamFailure as failure:
+                failure.target = target.name
                 target.breaker.failure(failure.reason)
                 UPSTREAM_FAILURES.labels(target.name).inc()
                 event(
@@ -171,7 +173,7 @@ class Relay:
             return APIError(
                 429, "The model is overloaded; try again shortly.", code="overloaded", headers=headers
             )
-        reasons = "; ".join(f"{a}: {f.reason}" for a, f in zip(("first", "then"), failures, strict=False))
+        reasons = "; ".join(f"{f.target}: {f.reason}" for f in failures)
         return APIError(
             503,
             f"No engine could serve '{self.ctx.model}' now ({reasons or 'all targets are failing'}).",
