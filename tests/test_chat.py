@@ -112,7 +112,16 @@ def test_completions_stream_and_not(gateway, local_llm):
     assert raw.parse().choices[0].text.strip() == "continued [vllm]"
     stream = gw.client().completions.create(model=TIER1, prompt="Once upon a time", stream=True)
     assert "".join(c.choices[0].text for c in stream).strip() == "continued [vllm]"
-    assert local_llm.served_paths() == ["/v1/completions", "/v1/completions"]
+    with (
+        gw.http() as http,
+        http.stream("POST", "/v1/completions", json={"model": TIER1, "prompt": "Once", "stream": True}) as r,
+    ):
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    # The spec has no chunk schema for completions; the last chunk is a whole completion response
+    # (earlier ones carry finish_reason null, as OpenAI and vLLM send them).
+    validate("CreateCompletionResponse", chunks[-1])
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert local_llm.served_paths() == ["/v1/completions"] * 3
 
 
 def test_models_lists_servable_names(gateway):
