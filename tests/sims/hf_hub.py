@@ -18,19 +18,17 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from tests.sims.server import serve_on_loopback
+from tests.sims.server import LoopbackServer
 
 
 @dataclass
-class HubSimulator:
+class HubSimulator(LoopbackServer):
     repos: dict[str, dict[str, bytes]]  # repo id -> path -> content
     fail_file: str | None = None
     fail_status: int = 500
     downloads: Counter[str] = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
-        self.url = ""
-        self._runner: web.AppRunner | None = None
         self.sha = {repo: hashlib.sha1(repo.encode()).hexdigest() for repo in self.repos}
 
     async def start(self) -> str:
@@ -38,13 +36,8 @@ class HubSimulator:
         app.router.add_get("/api/models/{owner}/{name}/revision/{revision}", self._repo_info)
         app.router.add_get("/api/models/{owner}/{name}/tree/{revision}", self._tree)
         app.router.add_route("*", "/{owner}/{name}/resolve/{revision}/{path:.+}", self._resolve)
-        self._runner, port = await serve_on_loopback(app)
-        self.url = f"http://127.0.0.1:{port}"
+        await self._serve(app)
         return self.url
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
 
     def _files(self, request: web.Request) -> tuple[str, dict[str, bytes]]:
         repo = f"{request.match_info['owner']}/{request.match_info['name']}"

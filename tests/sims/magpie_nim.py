@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from aiohttp import web
 
-from tests.sims.server import serve_on_loopback
+from tests.sims.server import LoopbackServer
 
 # Locales as the docs' list_voices example shows them; speakers and styles from the NIM's voice docs.
 LOCALES = "en-US,es-US,fr-FR,de-DE,zh-CN,vi-VN,it-IT,hi-IN,ja-JP"
@@ -68,7 +68,7 @@ class SynthesisCall:
 
 
 @dataclass
-class MagpieNIM:
+class MagpieNIM(LoopbackServer):
     max_chars: int = 2000  # the NIM's per-request text limit
     seconds_per_char: float = 0.06  # audio length per character of text (about 16 characters a second)
     real_time_factor: float = 0.1  # synthesis time per second of audio
@@ -84,10 +84,6 @@ class MagpieNIM:
     health_checks: int = 0
     voice_lists: int = 0
 
-    def __post_init__(self) -> None:
-        self.url = ""
-        self._runner: web.AppRunner | None = None
-
     # Lifecycle (run in the simulator's event loop).
 
     async def start(self) -> str:
@@ -97,13 +93,8 @@ class MagpieNIM:
         app.router.add_get("/v1/audio/list_voices", self._list_voices)
         app.router.add_post("/v1/audio/synthesize", self._synthesize)
         app.router.add_post("/v1/audio/synthesize_online", self._synthesize_online)
-        self._runner, port = await serve_on_loopback(app)
-        self.url = f"http://127.0.0.1:{port}"
+        await self._serve(app)
         return self.url
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
 
     def reset(self) -> None:
         self.fail, self.error_status, self.stall_after_chunks, self.slow = None, 500, 0, 1.0

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from tests.sims.server import serve_on_loopback
+from tests.sims.server import LoopbackServer
 
 FAILURE = web.RequestKey("failure", object)
 REPLY = "Your sentence is correct. Well done!"
@@ -44,7 +44,7 @@ class Seen:
     at: float = field(default_factory=time.monotonic)
 
 
-class OpenAIUpstream:
+class OpenAIUpstream(LoopbackServer):
     """flavor "vllm": no auth, reasoning under `reasoning`, /health and /metrics.
     flavor "cloud": Bearer key required, reasoning under `reasoning_content`."""
 
@@ -60,8 +60,6 @@ class OpenAIUpstream:
         self.waiting = 0  # vllm:num_requests_waiting
         self.chunk_delay = 0.0
         self.healthy = True
-        self.port = 0
-        self._runner: web.AppRunner | None = None
 
     # Lifecycle (call through the test's BackgroundLoop).
 
@@ -73,18 +71,12 @@ class OpenAIUpstream:
         if self.flavor == "vllm":
             app.router.add_get("/health", self._health)
             app.router.add_get("/metrics", self._metrics)
-        self._runner, self.port = await serve_on_loopback(app, port or self.port)
+        await self._serve(app, port or self.port)
         return self
-
-    async def stop(self) -> None:
-        """Stop listening: new connections are refused (the port stays reserved for `start()`)."""
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"{self.url}/v1"
 
     # Commands.
 
