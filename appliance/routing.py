@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from time import time
@@ -88,9 +88,9 @@ class LLMRouter:
             )
         self.watch_load = any(self.policy(r) == "on_overload" for r in catalog.routes_of_kind("llm"))
 
-    def _breaker(self, name: str, probe: Callable[[], object]) -> CircuitBreaker:
+    def _breaker(self, name: str, probe: Callable[[], Awaitable[bool]]) -> CircuitBreaker:
         s = self.settings
-        return CircuitBreaker(name, s.breaker_failures, s.breaker_probe_interval, probe)  # type: ignore[arg-type]
+        return CircuitBreaker(name, s.breaker_failures, s.breaker_probe_interval, probe)
 
     def policy(self, route: Route) -> str:
         return self.settings.fallback_policy(route.name, "on_failure")
