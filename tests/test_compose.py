@@ -8,8 +8,6 @@ import itertools
 import json
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import jsonschema
@@ -17,7 +15,7 @@ import pytest
 import yaml
 
 from appliance.catalog import load_catalog
-from tests.harness import REPO, SHARED, clean_env
+from tests.harness import REPO, SHARED, run_appliance
 
 COMPOSE_FILE = REPO / "docker-compose.gpu.yml"
 SITE_ENV_TEMPLATE = REPO / "ansible" / "roles" / "appliance" / "templates" / "site.env.j2"
@@ -98,24 +96,7 @@ def validator() -> jsonschema.Draft7Validator:
 def planner(tmp_path: Path, gib: float) -> tuple[dict[str, str], dict]:
     """The real `appliance plan` for a card of `gib` GiB: its env file and its JSON plan."""
     env_path = tmp_path / f"plan-{gib}.env"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "appliance",
-            "plan",
-            "--gpu-memory",
-            str(gib),
-            "--json",
-            "--env-file",
-            str(env_path),
-        ],
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-    )
+    proc = run_appliance("plan", "--gpu-memory", str(gib), "--json", "--env-file", str(env_path))
     assert proc.returncode == 0, proc.stderr
     return read_env_file(env_path), json.loads(proc.stdout)
 
