@@ -33,7 +33,7 @@ class AppState:
     catalog: Catalog
     keys: KeyStore
     started: int = field(default_factory=lambda: int(time.time()))
-    http: aiohttp.ClientSession | None = None  # one pooled client for every upstream
+    http: aiohttp.ClientSession | None = None  # pooled client for the speech NIM (LLM targets: upstream_http)
     # name -> {"ready": bool, ...}; shown on /readyz.
     readiness: dict[str, Check] = field(default_factory=dict)
     # kind ("llm", "stt", "tts") -> whether a route of that kind can be served now.

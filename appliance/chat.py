@@ -9,25 +9,26 @@ Failover happens only before the first byte reaches the client.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import orjson
 from fastapi import FastAPI
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import StreamingResponse
+from starlette.types import ASGIApp, Receive, Scope
 
 from appliance.app import AppState
 from appliance.errors import APIError, bad_request, error_body
 from appliance.limits import read_body
 from appliance.log import event
 from appliance.metrics import FALLBACKS, UPSTREAM_FAILURES
-from appliance.middleware import RequestContext, request_context
+from appliance.middleware import BytesResponse, FastHandler, RequestContext, request_context
 from appliance.routing import Attempt, LLMRouter, Target, parse_retry_after
+from appliance.upstream_http import ReadTimeout, UpstreamError, UpstreamResponse
 
-JSON = "application/json"
 NUMBER = (int, float)
 # Types of the fields the gateway checks itself; the engine validates the rest.
 FIELD_TYPES: dict[str, tuple[type, ...]] = {
@@ -49,7 +50,7 @@ FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "user": (str,),
 }
 REQUIRED = {"chat/completions": "messages", "completions": "prompt"}
-REASONING_KEYS = (b'"reasoning"', b'"reasoning_content"')
+REASONING_KEY = b'"reasoning'  # the start of both names: "reasoning" and "reasoning_content"
 
 
 class UpstreamFailure(Exception):
@@ -128,14 +129,17 @@ class Relay:
     def stream(self) -> bool:
         return self.body.get("stream") is True
 
-    async def run(self, attempts: list[Attempt]) -> Response:
+    async def run(self, attempts: list[Attempt]) -> ASGIApp:
         failures: list[UpstreamFailure] = []
         for attempt in attempts:
             target = attempt.target
             if not target.breaker.allows():  # opened meanwhile by other requests
                 continue
+            headers = [(b"x-appliance-target", target.name.encode())]
+            if failures:
+                headers.append((b"x-appliance-fallback", b"true"))
             try:
-                response = await self._try(attempt)
+                response = await self._try(attempt, headers)
             except UpstreamFailure as failure:
                 failure.target = target.name
                 target.breaker.failure(failure.reason)
@@ -151,7 +155,6 @@ class Relay:
             target.breaker.success()
             self.ctx.target = target.name
             if failures:
-                response.headers["x-appliance-fallback"] = "true"
                 FALLBACKS.labels(self.ctx.model).inc()
             return response
         raise self._exhausted(failures, self.retried or len(failures) > 1)
@@ -182,46 +185,31 @@ class Relay:
             headers=headers,
         )
 
-    async def _try(self, attempt: Attempt) -> Response:
-        """Send to one target; return the client's response once its first byte is in hand."""
+    async def _try(self, attempt: Attempt, headers: list[tuple[bytes, bytes]]) -> ASGIApp:
+        """Send to one target; return the client's response (with `headers`) once its first byte is in
+        hand."""
         body = {**attempt.defaults, **self.body} if attempt.defaults else self.body
         body["model"] = attempt.model
         upstream = await self._send(attempt.target, orjson.dumps(body))
         if upstream.status >= 400:
-            return await self._client_error(attempt.target, upstream)
+            return await self._client_error(upstream, headers)
         if self.stream:
-            return await self._start_stream(attempt.target, upstream)
-        return await self._whole(attempt.target, upstream)
+            return await self._start_stream(upstream, headers)
+        return await self._whole(upstream, headers)
 
-    async def _send(self, target: Target, payload: bytes) -> aiohttp.ClientResponse:
+    async def _send(self, target: Target, payload: bytes) -> UpstreamResponse:
         """POST, honouring one short Retry-After on 429. Connection trouble, 5xx and 429 raise."""
         settings = self.state.settings
-        read_timeout = settings.stream_idle_timeout if self.stream else settings.first_byte_timeout
-        timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=settings.connect_timeout, sock_read=read_timeout
-        )
-        url = f"{target.base_url}/{self.endpoint}"
+        timeout = settings.stream_idle_timeout if self.stream else settings.first_byte_timeout
         waited = False  # per target: one short wait, then move on
-        reconnected = False
-        http: aiohttp.ClientSession = self.state.http  # type: ignore[assignment]
         while True:
             try:
-                resp = await http.post(url, data=payload, headers=target.headers, timeout=timeout)
-            except TimeoutError:
-                raise UpstreamFailure("timed out") from None
-            except aiohttp.ClientConnectorError:
-                raise UpstreamFailure("connection refused") from None
-            except aiohttp.ServerDisconnectedError:
-                # A pooled keep-alive connection the engine had just closed: one fresh try.
-                if not reconnected:
-                    reconnected = True
-                    continue
-                raise UpstreamFailure("connection reset") from None
-            except aiohttp.ClientError as exc:
-                raise UpstreamFailure(f"connection failed ({type(exc).__name__})") from None
+                resp = await target.pool.request("POST", self.endpoint, payload, timeout=timeout)
+            except UpstreamError as exc:
+                raise UpstreamFailure(exc.reason) from None
             if resp.status == 429:
                 resp.release()
-                wait = parse_retry_after(resp.headers.get("Retry-After"))
+                wait = parse_retry_after(resp.headers.get("retry-after"))
                 if not waited and wait is not None and wait <= settings.retry_after_max:
                     waited = self.retried = True
                     await asyncio.sleep(wait)
@@ -241,14 +229,9 @@ class Relay:
                 raise CloudKeyRejected(f"cloud key rejected (HTTP {resp.status})", resp.status)
             return resp
 
-    async def _client_error(self, target: Target, upstream: aiohttp.ClientResponse) -> Response:
+    async def _client_error(self, upstream: UpstreamResponse, headers: list[tuple[bytes, bytes]]) -> ASGIApp:
         """A 4xx goes back to the client as it is, in OpenAI's shape if the engine used another."""
-        try:
-            raw = await upstream.read()
-        except (aiohttp.ClientError, TimeoutError):
-            raise UpstreamFailure("connection lost while reading an error") from None
-        finally:
-            upstream.release()
+        raw = await _read_whole(upstream, "while reading an error")
         try:
             parsed = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -259,48 +242,38 @@ class Relay:
                 str(message or f"The engine refused the request (HTTP {upstream.status})."),
                 "invalid_request_error",
             )
-        return Response(
-            raw, status_code=upstream.status, media_type=JSON, headers={"x-appliance-target": target.name}
-        )
+        return BytesResponse(raw, upstream.status, headers=headers)
 
-    async def _whole(self, target: Target, upstream: aiohttp.ClientResponse) -> Response:
-        try:
-            raw = await upstream.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise UpstreamFailure(f"connection lost ({type(exc).__name__})") from None
-        finally:
-            upstream.release()
+    async def _whole(self, upstream: UpstreamResponse, headers: list[tuple[bytes, bytes]]) -> ASGIApp:
+        raw = await _read_whole(upstream, "before the answer was complete")
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError:
             raise UpstreamFailure("invalid JSON from the engine") from None
         self._count_tokens(data.get("usage"))
-        if any(k in raw for k in REASONING_KEYS) and alias_reasoning(data.get("choices"), "message"):
+        if REASONING_KEY in raw and alias_reasoning(data.get("choices"), "message"):
             raw = orjson.dumps(data)
-        return Response(raw, media_type=JSON, headers={"x-appliance-target": target.name})
+        return BytesResponse(raw, headers=headers)
 
-    async def _start_stream(self, target: Target, upstream: aiohttp.ClientResponse) -> Response:
+    async def _start_stream(self, upstream: UpstreamResponse, headers: list[tuple[bytes, bytes]]) -> ASGIApp:
         """Wait for the first event (failover is still possible until then), then relay the rest."""
-        events = upstream.content.iter_any().__aiter__()
+        pieces = upstream.pieces()
         buffer = b""
         try:
             while b"\n\n" not in buffer:
-                chunk = await events.__anext__()
-                buffer += chunk
+                buffer += await anext(pieces)
         except StopAsyncIteration:
             upstream.release()
             raise UpstreamFailure("stream ended before the first event") from None
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except UpstreamError as exc:
             upstream.release()
-            raise UpstreamFailure(f"stream failed before the first event ({type(exc).__name__})") from None
-        return StreamingResponse(
-            self._relay(upstream, events, buffer),
-            media_type="text/event-stream",
-            headers={"x-appliance-target": target.name, "cache-control": "no-cache"},
-        )
+            raise UpstreamFailure(f"stream failed before the first event ({exc.reason})") from None
+        response = StreamingResponse(self._relay(upstream, pieces, buffer), media_type="text/event-stream")
+        response.raw_headers += [(b"cache-control", b"no-cache"), *headers]
+        return response
 
     async def _relay(
-        self, upstream: aiohttp.ClientResponse, events: AsyncIterator[bytes], buffer: bytes
+        self, upstream: UpstreamResponse, pieces: AsyncIterator[bytes], buffer: bytes
     ) -> AsyncIterator[bytes]:
         try:
             while True:
@@ -308,13 +281,13 @@ class Relay:
                 if complete:
                     yield self._rewrite_events(complete + b"\n\n")
                 try:
-                    buffer += await events.__anext__()
+                    buffer += await anext(pieces)
                 except StopAsyncIteration:
                     break
             if buffer.strip():
                 yield self._rewrite_events(buffer)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            reason = "stalled" if isinstance(exc, TimeoutError) else "connection lost"
+        except UpstreamError as exc:
+            reason = "stalled" if isinstance(exc, ReadTimeout) else "connection lost"
             event("stream broken", request_id=self.ctx.request_id, target=self.ctx.target, reason=reason)
             message = f"The engine's stream broke off ({reason}); the answer is incomplete."
             yield b"data: " + error_body(message, "server_error", None, "stream_interrupted") + b"\n\n"
@@ -323,7 +296,7 @@ class Relay:
 
     def _rewrite_events(self, events: bytes) -> bytes:
         """Add the second name of reasoning deltas and read usage; untouched bytes pass through."""
-        has_reasoning = any(k in events for k in REASONING_KEYS)
+        has_reasoning = REASONING_KEY in events
         has_usage = b'"usage":{' in events
         if not (has_reasoning or has_usage):
             return events
@@ -344,6 +317,15 @@ class Relay:
             self.ctx.completion_tokens = usage.get("completion_tokens")
 
 
+async def _read_whole(upstream: UpstreamResponse, when: str) -> bytes:
+    try:
+        return await upstream.read()
+    except UpstreamError as exc:
+        raise UpstreamFailure(f"{exc.reason} {when}") from None
+    finally:
+        upstream.release()
+
+
 def alias_reasoning(choices: Any, key: str) -> bool:
     """Give reasoning text both names clients look for (`reasoning`, `reasoning_content`)."""
     changed = False
@@ -359,15 +341,15 @@ def alias_reasoning(choices: Any, key: str) -> bool:
 
 
 def install(app: FastAPI, state: AppState) -> None:
-    router = LLMRouter(state.settings, state.catalog, lambda: state.http)  # type: ignore[arg-type,return-value]
+    router = LLMRouter(state.settings, state.catalog)
     state.availability["llm"] = router.available
     state.readiness["llm"] = router.readiness
     state.startup.append(router.start)
     state.shutdown.append(router.stop)
 
-    async def relay(request: Request, endpoint: str) -> Response:
-        ctx = request_context(request.scope)
-        body = parse_request(await read_body(request, state.settings.max_body_bytes), endpoint)
+    async def relay(scope: Scope, receive: Receive, endpoint: str) -> ASGIApp:
+        ctx = request_context(scope)
+        body = parse_request(await read_body(scope, receive, state.settings.max_body_bytes), endpoint)
         route = state.require_route(body["model"], "llm")
         ctx.model = route.name
         attempts = router.attempts(route)
@@ -388,12 +370,15 @@ def install(app: FastAPI, state: AppState) -> None:
             )
         return await Relay(state, router, endpoint, body, ctx).run(attempts)
 
-    async def chat_completions(request: Request) -> Response:
-        return await relay(request, "chat/completions")
-
-    async def completions(request: Request) -> Response:
-        return await relay(request, "completions")
-
-    for path, handler in (("/v1/chat/completions", chat_completions), ("/v1/completions", completions)):
+    for path, endpoint in (("/v1/chat/completions", "chat/completions"), ("/v1/completions", "completions")):
+        handler = functools.partial(relay, endpoint=endpoint)
         state.fast_routes[("POST", path)] = handler
-        app.add_route(path, handler, methods=["POST"])  # so other methods get a 405 from the framework
+        # Also known to the framework, so that other methods get its 405.
+        app.add_route(path, _via_framework(handler), methods=["POST"])
+
+
+def _via_framework(handler: FastHandler) -> Callable[[Request], Awaitable[ASGIApp]]:
+    async def endpoint(request: Request) -> ASGIApp:
+        return await handler(request.scope, request.receive)
+
+    return endpoint

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from starlette.requests import Request
+from starlette.types import Receive, Scope
 
 from appliance.errors import APIError
+from appliance.middleware import request_header
 
 
 def too_large(
@@ -21,23 +22,27 @@ def too_large(
     )
 
 
-async def read_body(request: Request, cap: int) -> bytes:
+async def read_body(scope: Scope, receive: Receive, cap: int) -> bytes:
     """The whole body, or 413 as soon as it is known to exceed `cap` (by Content-Length or while read)."""
-    declared = request.headers.get("content-length")
+    declared = request_header(scope, b"content-length")
     if declared is not None:
         if not declared.isdigit():
             raise APIError(400, "Invalid Content-Length header.")
         if int(declared) > cap:
             raise too_large(cap)
-        return await request.body()
     parts: list[bytes] = []
     size = 0
-    async for part in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise APIError(400, "The client went away before sending the whole request body.")
+        part = message.get("body", b"")
         size += len(part)
         if size > cap:
             raise too_large(cap)
         parts.append(part)
-    return b"".join(parts)
+        if not message.get("more_body", False):
+            return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 class Admission:

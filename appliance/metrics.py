@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
@@ -41,11 +42,17 @@ def record_request(path: str, status: int, target: str | None, seconds: float) -
     series[1].observe(seconds)
 
 
+@functools.cache  # model names come from the catalog: a bounded set
+def _token_series(model: str) -> tuple[Any, Any]:
+    return TOKENS.labels(model, "prompt"), TOKENS.labels(model, "completion")
+
+
 def record_tokens(model: str, prompt: int | None, completion: int | None) -> None:
+    prompt_series, completion_series = _token_series(model)
     if prompt:
-        TOKENS.labels(model, "prompt").inc(prompt)
+        prompt_series.inc(prompt)
     if completion:
-        TOKENS.labels(model, "completion").inc(completion)
+        completion_series.inc(completion)
 
 
 def exposition() -> tuple[bytes, str]:

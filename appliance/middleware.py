@@ -10,8 +10,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from starlette.requests import Request
-from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance.auth import KeyStore
@@ -19,7 +17,8 @@ from appliance.errors import APIError
 from appliance.log import access, logger
 from appliance.metrics import record_request, record_tokens
 
-FastHandler = Callable[[Request], Awaitable[Response]]
+# A hot-path handler: takes the request's scope and receive, returns the response to send (any ASGI app).
+FastHandler = Callable[[Scope, Receive], Awaitable[ASGIApp]]
 
 # Paths that need no client key: liveness, readiness and metrics carry no request content.
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
@@ -43,12 +42,35 @@ def request_context(scope: Scope) -> RequestContext:
     return scope["state"]["ctx"]
 
 
-def _bearer(scope: Scope) -> str | None:
-    for name, value in scope["headers"]:
-        if name == b"authorization":
-            scheme, _, token = value.decode("latin-1").partition(" ")
-            return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+def request_header(scope: Scope, name: bytes) -> str | None:
+    """The first value of a request header (`name` in lower case, as ASGI gives names)."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
     return None
+
+
+def _bearer(scope: Scope) -> str | None:
+    scheme, _, token = (request_header(scope, b"authorization") or "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+class BytesResponse:
+    """A whole response in two ASGI messages, with none of the framework's header handling: the relay
+    answers most requests with one of these. `headers` are (lower-case name, value) pairs."""
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(
+        self, body: bytes, status: int = 200, content_type: bytes = b"application/json", headers: Any = ()
+    ) -> None:
+        self.body = body
+        self.status = status
+        self.headers = [(b"content-type", content_type), (b"content-length", b"%d" % len(body)), *headers]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
+        await send({"type": "http.response.body", "body": self.body})
 
 
 class RequestIds:
@@ -97,7 +119,7 @@ class GatewayMiddleware:
                 await error.response()(scope, receive, send_with_id)
             elif fast is not None:
                 try:
-                    response = await fast(Request(scope, receive))
+                    response = await fast(scope, receive)
                 except APIError as exc:
                     response = exc.response()
                 await response(scope, receive, send_with_id)

@@ -15,15 +15,16 @@ from email.utils import parsedate_to_datetime
 from time import time
 from typing import Any
 
-import aiohttp
+import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 from appliance.breaker import CircuitBreaker
 from appliance.catalog import Catalog, Route
 from appliance.config import Settings
 from appliance.log import event
+from appliance.upstream_http import UpstreamError, UpstreamPool
 
-PROBE_TIMEOUT = aiohttp.ClientTimeout(total=3)
+PROBE_SECONDS = 3.0
 SERVED_REFRESH_TICKS = 10  # re-read the served model list every this many load polls
 
 
@@ -33,7 +34,7 @@ class Target:
 
     name: str  # "local" or "cloud"
     base_url: str  # ends in /v1
-    headers: dict[str, str]
+    pool: UpstreamPool  # its connections; every request carries the target's headers
     breaker: CircuitBreaker
 
     @property
@@ -63,27 +64,29 @@ def parse_retry_after(value: str | None) -> float | None:
 
 
 class LLMRouter:
-    def __init__(
-        self, settings: Settings, catalog: Catalog, http: Callable[[], aiohttp.ClientSession]
-    ) -> None:
+    def __init__(self, settings: Settings, catalog: Catalog) -> None:
         self.settings = settings
         self.catalog = catalog
-        self._http = http
         self.served: set[str] | None = None  # None until the local engine has answered /v1/models
         self.waiting: float | None = None
         self._task: asyncio.Task[None] | None = None
 
         json_headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
         self.local = Target(
-            "local", settings.llm_url, json_headers, self._breaker("local", self._probe_local)
+            "local",
+            settings.llm_url,
+            UpstreamPool(settings.llm_url, json_headers, settings.connect_timeout),
+            self._breaker("local", self._probe_local),
         )
         self.cloud: Target | None = None
         if settings.cloud_enabled:
             key = settings.nvidia_nim_api_key.get_secret_value()  # type: ignore[union-attr]
+            base_url = settings.nvidia_nim_base_url
+            cloud_headers = {**json_headers, "Authorization": f"Bearer {key}"}
             self.cloud = Target(
                 "cloud",
-                settings.nvidia_nim_base_url,
-                {**json_headers, "Authorization": f"Bearer {key}"},
+                base_url,
+                UpstreamPool(base_url, cloud_headers, settings.connect_timeout),
                 self._breaker("cloud", self._probe_cloud),
             )
         self.watch_load = any(self.policy(r) == "on_overload" for r in catalog.routes_of_kind("llm"))
@@ -141,6 +144,7 @@ class LLMRouter:
         for target in (self.local, self.cloud):
             if target is not None:
                 await target.breaker.close()
+                await target.pool.close()
 
     async def _watch(self) -> None:
         tick = 1  # start() has just read the model list
@@ -154,36 +158,38 @@ class LLMRouter:
 
     async def _refresh_served(self) -> None:
         try:
-            async with self._http().get(f"{self.local.base_url}/models", timeout=PROBE_TIMEOUT) as resp:
-                if resp.status != 200:
-                    return
-                data = await resp.json()
+            status, raw = await self.local.pool.get("models", PROBE_SECONDS)
+            if status != 200:
+                return
+            data = orjson.loads(raw)
             served = {m["id"] for m in data.get("data", []) if isinstance(m, dict) and "id" in m}
-        except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError):
+        except (UpstreamError, TimeoutError, ValueError, AttributeError, TypeError):
             return
         if served != self.served:
             event("local models", served=sorted(served))
         self.served = served
 
     async def _refresh_load(self) -> None:
-        root = self.local.base_url.removesuffix("/v1")
         try:
-            async with self._http().get(f"{root}/metrics", timeout=PROBE_TIMEOUT) as resp:
-                text = await resp.text() if resp.status == 200 else ""
-        except (aiohttp.ClientError, TimeoutError):
+            status, raw = await self.local.pool.get(f"{self.local_root}/metrics", PROBE_SECONDS)
+            text = raw.decode() if status == 200 else ""
+        except (UpstreamError, TimeoutError, UnicodeDecodeError):
             text = ""
         self.waiting = waiting_requests(text) if text else None
 
+    @property
+    def local_root(self) -> str:
+        """The engine's own paths (/health, /metrics) sit beside /v1."""
+        return self.local.pool.base_path.removesuffix("/v1")
+
     async def _probe_local(self) -> bool:
-        root = self.local.base_url.removesuffix("/v1")
-        async with self._http().get(f"{root}/health", timeout=PROBE_TIMEOUT) as resp:
-            return resp.status == 200
+        status, _ = await self.local.pool.get(f"{self.local_root}/health", PROBE_SECONDS)
+        return status == 200
 
     async def _probe_cloud(self) -> bool:
         assert self.cloud is not None
-        url = f"{self.cloud.base_url}/models"
-        async with self._http().get(url, headers=self.cloud.headers, timeout=PROBE_TIMEOUT) as resp:
-            return resp.status == 200
+        status, _ = await self.cloud.pool.get("models", PROBE_SECONDS)
+        return status == 200
 
     def readiness(self) -> dict[str, object]:
         targets: dict[str, object] = {
