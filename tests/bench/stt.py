@@ -30,7 +30,7 @@ from tests.stt_audio import make_audio
 from tests.whisper_model import build_tiny_whisper
 
 CLIP_SECONDS = 10.0
-LATENCY_ROUNDS = 60
+LATENCY_ROUNDS = 40
 THROUGHPUT_REQUESTS = 32
 OPTIONS = {"language": "en", "beam_size": 5, "temperature": (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)}
 
@@ -126,6 +126,10 @@ def _latency_rows(model_dir: Path, tmp: Path, clip: tuple[str, bytes]) -> list[s
                     call()
             for _ in range(LATENCY_ROUNDS):
                 for name, call in calls.items():
+                    # The gateway and this process each hold the model; whichever runs right after the
+                    # other finds its weights evicted from the CPU caches. An untimed call first puts
+                    # every measured call on warm caches, so the comparison is not of cache states.
+                    call()
                     times[name].append(_timed(call))
     finally:
         gateway.stop()
