@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from fastapi import FastAPI
 from starlette.requests import Request
-from starlette.responses import StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope
 
 from appliance.app import AppState
@@ -25,7 +24,8 @@ from appliance.errors import APIError, bad_request, error_body
 from appliance.limits import read_body
 from appliance.log import event
 from appliance.metrics import FALLBACKS, UPSTREAM_FAILURES
-from appliance.middleware import BytesResponse, FastHandler, RequestContext, request_context
+from appliance.middleware import FastHandler, RequestContext, request_context
+from appliance.responses import BytesResponse, EventStreamResponse
 from appliance.routing import Attempt, LLMRouter, Target, parse_retry_after
 from appliance.upstream_http import ReadTimeout, UpstreamError, UpstreamResponse
 
@@ -268,13 +268,11 @@ class Relay:
         except UpstreamError as exc:
             upstream.release()
             raise UpstreamFailure(f"stream failed before the first event ({exc.reason})") from None
-        response = StreamingResponse(self._relay(upstream, pieces, buffer), media_type="text/event-stream")
-        response.raw_headers += [(b"cache-control", b"no-cache"), *headers]
-        return response
+        return EventStreamResponse(self._relay(upstream, pieces, buffer), headers)
 
     async def _relay(
         self, upstream: UpstreamResponse, pieces: AsyncIterator[bytes], buffer: bytes
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         try:
             while True:
                 complete, _, buffer = buffer.rpartition(b"\n\n")

@@ -55,24 +55,6 @@ def _bearer(scope: Scope) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-class BytesResponse:
-    """A whole response in two ASGI messages, with none of the framework's header handling: the relay
-    answers most requests with one of these. `headers` are (lower-case name, value) pairs."""
-
-    __slots__ = ("body", "headers", "status")
-
-    def __init__(
-        self, body: bytes, status: int = 200, content_type: bytes = b"application/json", headers: Any = ()
-    ) -> None:
-        self.body = body
-        self.status = status
-        self.headers = [(b"content-type", content_type), (b"content-length", b"%d" % len(body)), *headers]
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
-        await send({"type": "http.response.body", "body": self.body})
-
-
 class RequestIds:
     """Unique, cheap request ids: a random per-process prefix and a counter (no syscall per request)."""
 

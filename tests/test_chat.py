@@ -105,6 +105,20 @@ def test_stream_reaches_the_client_before_the_engine_finishes(gateway, local_llm
     assert first_at < total / 3  # not buffered until the end
 
 
+def test_a_client_that_leaves_mid_stream_frees_the_engine(gateway, local_llm):
+    """The engine must learn that nobody reads the answer any more, or it keeps generating."""
+    local_llm.chunk_delay = 0.2
+    gw = gateway()
+    body = {"model": TIER1, "messages": MESSAGES, "stream": True}
+    with gw.http() as http, http.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert next(r.iter_lines()).startswith("data: {")
+    deadline = time.monotonic() + 5
+    while local_llm.abandoned_streams == 0:
+        assert time.monotonic() < deadline, "the engine was left streaming to nobody"
+        time.sleep(0.05)
+    assert "unhandled error" not in gw.logs() and "stream broken" not in gw.logs()
+
+
 def test_completions_stream_and_not(gateway, local_llm):
     gw = gateway()
     raw = gw.client().completions.with_raw_response.create(model=TIER1, prompt="Once upon a time")

@@ -60,6 +60,7 @@ class OpenAIUpstream(LoopbackServer):
         self.waiting = 0  # vllm:num_requests_waiting
         self.chunk_delay = 0.0
         self.healthy = True
+        self.abandoned_streams = 0  # streams whose reader went away before the end
 
     # Lifecycle (call through the test's BackgroundLoop).
 
@@ -227,18 +228,23 @@ class OpenAIUpstream(LoopbackServer):
         failure: Failure | None = request[FAILURE]
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
-        for i, c in enumerate(chunks):
-            if failure is not None and i == failure.after_chunks:
-                if failure.mode == "drop":
-                    request.transport.abort()  # type: ignore[union-attr]
-                    return resp
-                if failure.mode == "stall":
-                    await asyncio.sleep(3600)
-            await resp.write(b"data: " + orjson.dumps(c) + b"\n\n")
-            if self.chunk_delay:
-                await asyncio.sleep(self.chunk_delay)
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
+        try:
+            for i, c in enumerate(chunks):
+                if failure is not None and i == failure.after_chunks:
+                    if failure.mode == "drop":
+                        request.transport.abort()  # type: ignore[union-attr]
+                        return resp
+                    if failure.mode == "stall":
+                        await asyncio.sleep(3600)
+                await resp.write(b"data: " + orjson.dumps(c) + b"\n\n")
+                if self.chunk_delay:
+                    await asyncio.sleep(self.chunk_delay)
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+        except (ConnectionError, asyncio.CancelledError):
+            # vLLM aborts the request's generation here; the count shows the gateway let go.
+            self.abandoned_streams += 1
+            raise
         return resp
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
