@@ -88,9 +88,6 @@ class _Connection(asyncio.Protocol):
         elif not self.complete:
             self._fail(ConnectionLost("connection reset" if self.head_done or exc else "connection closed"))
 
-    def pause_writing(self) -> None:  # requests are small; nothing to pause
-        pass
-
     # httptools callbacks
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -151,7 +148,8 @@ class _Connection(asyncio.Protocol):
         return data
 
     def reusable(self) -> bool:
-        return self.complete and self.keep_alive and not self.closed and self.error is None
+        # A paused connection (a whole large body left unread) would stall the next response.
+        return self.complete and self.keep_alive and not (self.closed or self.paused or self.error)
 
     def close(self) -> None:
         self.closed = True
