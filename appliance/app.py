@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp
 
 from appliance import __version__
 from appliance.auth import KeyStore
@@ -42,6 +43,16 @@ class AppState:
     fast_routes: dict[tuple[str, str], FastHandler] = field(default_factory=dict)
     startup: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    def add_fast_route(self, app: FastAPI, path: str, handler: FastHandler) -> None:
+        """A POST route the gateway layer serves ahead of the framework's stack. The framework knows
+        it too, so that other methods get its 405."""
+        self.fast_routes[("POST", path)] = handler
+
+        async def endpoint(request: Request) -> ASGIApp:
+            return await handler(request.scope, request.receive)
+
+        app.add_route(path, endpoint, methods=["POST"])
 
     def available(self, route: Route) -> bool:
         check = self.availability.get(route.kind)

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from fastapi import FastAPI
-from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope
 
 from appliance.app import AppState
@@ -24,7 +23,7 @@ from appliance.errors import APIError, bad_request, error_body
 from appliance.limits import read_body
 from appliance.log import event
 from appliance.metrics import FALLBACKS, UPSTREAM_FAILURES
-from appliance.middleware import FastHandler, RequestContext, request_context
+from appliance.middleware import RequestContext, request_context
 from appliance.responses import BytesResponse, EventStreamResponse
 from appliance.routing import Attempt, LLMRouter, Target, parse_retry_after
 from appliance.upstream_http import ReadTimeout, UpstreamError, UpstreamResponse
@@ -369,14 +368,4 @@ def install(app: FastAPI, state: AppState) -> None:
         return await Relay(state, router, endpoint, body, ctx).run(attempts)
 
     for path, endpoint in (("/v1/chat/completions", "chat/completions"), ("/v1/completions", "completions")):
-        handler = functools.partial(relay, endpoint=endpoint)
-        state.fast_routes[("POST", path)] = handler
-        # Also known to the framework, so that other methods get its 405.
-        app.add_route(path, _via_framework(handler), methods=["POST"])
-
-
-def _via_framework(handler: FastHandler) -> Callable[[Request], Awaitable[ASGIApp]]:
-    async def endpoint(request: Request) -> ASGIApp:
-        return await handler(request.scope, request.receive)
-
-    return endpoint
+        state.add_fast_route(app, path, functools.partial(relay, endpoint=endpoint))

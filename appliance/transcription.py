@@ -15,12 +15,13 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope
 
 from appliance.app import AppState
 from appliance.audio.decode import AudioError, AudioTooLongError, EmptyAudioError, TruncatedAudioError
 from appliance.errors import APIError, bad_request
 from appliance.limits import Admission, too_large
-from appliance.middleware import request_context
+from appliance.middleware import FastHandler, request_context
 from appliance.stt import (
     LANGUAGES,
     SpeechEngine,
@@ -52,15 +53,16 @@ def install(app: FastAPI, state: AppState) -> None:
     state.startup.append(engine.start)
     state.shutdown.append(engine.close)
 
-    @app.post("/v1/audio/transcriptions")
-    async def transcriptions(request: Request) -> Response:
-        with admission.slot():
-            return await serve(request, state, engine, "transcribe")
+    def handler(task: Task) -> FastHandler:
+        async def handle(scope: Scope, receive: Receive) -> Response:
+            with admission.slot():
+                return await serve(Request(scope, receive), state, engine, task)
 
-    @app.post("/v1/audio/translations")
-    async def translations(request: Request) -> Response:
-        with admission.slot():
-            return await serve(request, state, engine, "translate")
+        return handle
+
+    # Served ahead of the framework's stack, like the chat relay: it shortens every request's path.
+    state.add_fast_route(app, "/v1/audio/transcriptions", handler("transcribe"))
+    state.add_fast_route(app, "/v1/audio/translations", handler("translate"))
 
 
 async def serve(request: Request, state: AppState, engine: SpeechEngine, task: Task) -> Response:
