@@ -34,7 +34,7 @@ from tests.stt_audio import make_audio
 from tests.whisper_model import build_tiny_whisper
 
 CLIP_SECONDS = 10.0
-LATENCY_ROUNDS = 40
+LATENCY_ROUNDS = 60
 THROUGHPUT_REQUESTS = 32
 PATH = "/v1/audio/transcriptions"
 OPTIONS = {"language": "en", "beam_size": 5, "temperature": (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)}
