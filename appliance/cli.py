@@ -55,6 +55,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         access_log=False,
         # The gateway never uses the client's address, so X-Forwarded-* parsing is wasted work.
         proxy_headers=False,
+        server_header=False,  # no "server: uvicorn" on every response: it tells clients nothing they need
         timeout_graceful_shutdown=10,
         ssl_certfile=args.ssl_certfile,
         ssl_keyfile=args.ssl_keyfile,
