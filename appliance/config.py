@@ -157,6 +157,18 @@ class Settings(BaseSettings):
             raise ValueError("must be an http(s) URL")
         return value.rstrip("/")
 
+    @field_validator("nvidia_nim_api_key")
+    @classmethod
+    def _one_token(cls, value: SecretStr | None) -> SecretStr | None:
+        # The key goes into a request header as it is. A trailing newline (a key pasted into a secrets
+        # file) is dropped; anything else that could end the header is refused, without echoing it.
+        if value is None:
+            return None
+        key = value.get_secret_value().strip()
+        if any(c.isspace() or not c.isprintable() for c in key):
+            raise ValueError("must be one token, without spaces or control characters")
+        return SecretStr(key)
+
     @field_validator("nvidia_nim_base_url")
     @classmethod
     def _cloud_https(cls, value: str) -> str:

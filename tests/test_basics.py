@@ -70,6 +70,15 @@ def test_invalid_configuration_is_one_clear_line(env, names):
     assert "Traceback" not in proc.stderr
 
 
+def test_a_cloud_key_that_could_break_its_header_is_refused_without_being_shown():
+    key = "nvapi-secret-0123\r\nX-Injected: 1"
+    env = clean_env(APPLIANCE_API_KEYS="k", NVIDIA_NIM_API_KEY=key)
+    proc = run_appliance("serve", "--port", "1", env=env)
+    assert proc.returncode == 2
+    assert "NVIDIA_NIM_API_KEY" in proc.stderr and "one token" in proc.stderr
+    assert "nvapi-secret" not in proc.stderr + proc.stdout
+
+
 def test_yaml_file_with_unknown_setting_names_it(tmp_path):
     config = tmp_path / "appliance.yaml"
     config.write_text("cloud_fallback: never\nllm_ulr: http://127.0.0.1:8000/v1\n")

@@ -105,6 +105,14 @@ def test_stream_reaches_the_client_before_the_engine_finishes(gateway, local_llm
     assert first_at < total / 3  # not buffered until the end
 
 
+def test_a_cloud_key_read_with_a_trailing_newline_still_works(gateway, local_llm, cloud_llm):
+    gw = gateway(NVIDIA_NIM_API_KEY=CLOUD_KEY + "\n")
+    local_llm.fail("503")
+    raw = gw.client().chat.completions.with_raw_response.create(model=TIER1, messages=MESSAGES)
+    assert raw.headers["x-appliance-target"] == "cloud"
+    assert cloud_llm.seen[-1].headers["Authorization"] == f"Bearer {CLOUD_KEY}"
+
+
 def test_a_client_that_leaves_mid_stream_frees_the_engine(gateway, local_llm):
     """The engine must learn that nobody reads the answer any more, or it keeps generating."""
     local_llm.chunk_delay = 0.2
