@@ -11,6 +11,7 @@ import openai
 import pytest
 
 from tests.conftest import CLOUD_KEY
+from tests.harness import unanswered_port
 from tests.openapi import validate
 from tests.sims.openai_upstream import REASONING, REPLY
 
@@ -103,6 +104,22 @@ def test_stream_reaches_the_client_before_the_engine_finishes(gateway, local_llm
     assert first.choices[0].delta.role == "assistant"
     assert len(rest) >= 6
     assert first_at < total / 3  # not buffered until the end
+
+
+def test_a_local_engine_that_never_answers_the_connect_falls_back_after_the_connect_timeout(
+    gateway, cloud_llm
+):
+    with unanswered_port() as port:
+        gw = gateway(
+            APPLIANCE_LLM_URL=f"http://127.0.0.1:{port}/v1",
+            APPLIANCE_CONNECT_TIMEOUT="0.5",
+            APPLIANCE_FIRST_BYTE_TIMEOUT="5",
+        )
+        started = time.monotonic()
+        raw = gw.client().chat.completions.with_raw_response.create(model=TIER1, messages=MESSAGES)
+        assert raw.headers["x-appliance-target"] == "cloud"
+        assert raw.headers["x-appliance-fallback"] == "true"
+        assert time.monotonic() - started < 2.5  # the connect timeout, not the first-byte one
 
 
 def test_a_cloud_key_read_with_a_trailing_newline_still_works(gateway, local_llm, cloud_llm):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from appliance.upstream_http import ConnectFailed, ConnectionLost, ReadTimeout, UpstreamPool
-from tests.harness import free_port
+from tests.harness import free_port, unanswered_port
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 ANSWER = b'{"ok":true}'
@@ -229,6 +229,17 @@ def test_refused_connections_and_garbage_answers_are_clear_errors():
         async with raw_server(garbage) as seen:
             with pytest.raises(ConnectionLost, match="malformed HTTP response"):
                 await post(pool_for(seen["port"]))
+
+    run(scenario)
+
+
+def test_a_connection_that_cannot_be_made_times_out_at_the_connect_timeout():
+    async def scenario() -> None:
+        with unanswered_port() as port:
+            started = time.monotonic()
+            with pytest.raises(ConnectFailed, match="connect timed out"):
+                await post(pool_for(port, connect_timeout=0.4), timeout=10)
+            assert 0.35 < time.monotonic() - started < 2
 
     run(scenario)
 
