@@ -24,7 +24,7 @@ from appliance.limits import read_body
 from appliance.log import event
 from appliance.metrics import FALLBACKS, UPSTREAM_FAILURES
 from appliance.middleware import RequestContext, request_context
-from appliance.responses import BytesResponse, EventStreamResponse
+from appliance.responses import EventStreamResponse, JSONBytesResponse
 from appliance.routing import Attempt, LLMRouter, Target, parse_retry_after
 from appliance.upstream_http import ReadTimeout, UpstreamError, UpstreamResponse
 
@@ -241,7 +241,7 @@ class Relay:
                 str(message or f"The engine refused the request (HTTP {upstream.status})."),
                 "invalid_request_error",
             )
-        return BytesResponse(raw, upstream.status, headers=headers)
+        return JSONBytesResponse(raw, upstream.status, headers=headers)
 
     async def _whole(self, upstream: UpstreamResponse, headers: list[tuple[bytes, bytes]]) -> ASGIApp:
         raw = await _read_whole(upstream, "before the answer was complete")
@@ -252,7 +252,7 @@ class Relay:
         self._count_tokens(data.get("usage"))
         if REASONING_KEY in raw and alias_reasoning(data.get("choices"), "message"):
             raw = orjson.dumps(data)
-        return BytesResponse(raw, headers=headers)
+        return JSONBytesResponse(raw, headers=headers)
 
     async def _start_stream(self, upstream: UpstreamResponse, headers: list[tuple[bytes, bytes]]) -> ASGIApp:
         """Wait for the first event (failover is still possible until then), then relay the rest."""

@@ -10,17 +10,17 @@ from typing import Any
 from starlette.types import Receive, Scope, Send
 
 
-class BytesResponse:
-    """A whole response in two ASGI messages. `headers` are (lower-case name, value) pairs."""
+class JSONBytesResponse:
+    """A whole JSON body, already encoded, in two ASGI messages. `headers` are (lower-case name, value)
+    pairs."""
 
     __slots__ = ("body", "headers", "status")
 
-    def __init__(
-        self, body: bytes, status: int = 200, content_type: bytes = b"application/json", headers: Any = ()
-    ) -> None:
+    def __init__(self, body: bytes, status: int = 200, headers: Any = ()) -> None:
         self.body = body
         self.status = status
-        self.headers = [(b"content-type", content_type), (b"content-length", b"%d" % len(body)), *headers]
+        length = b"%d" % len(body)
+        self.headers = [(b"content-type", b"application/json"), (b"content-length", length), *headers]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status, "headers": self.headers})

@@ -33,8 +33,7 @@ class Target:
     """One OpenAI-protocol upstream."""
 
     name: str  # "local" or "cloud"
-    base_url: str  # ends in /v1
-    pool: UpstreamPool  # its connections; every request carries the target's headers
+    pool: UpstreamPool  # its base URL (ends in /v1) and connections; requests carry the target's headers
     breaker: CircuitBreaker
 
     @property
@@ -74,19 +73,16 @@ class LLMRouter:
         json_headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
         self.local = Target(
             "local",
-            settings.llm_url,
             UpstreamPool(settings.llm_url, json_headers, settings.connect_timeout),
             self._breaker("local", self._probe_local),
         )
         self.cloud: Target | None = None
         if settings.cloud_enabled:
             key = settings.nvidia_nim_api_key.get_secret_value()  # type: ignore[union-attr]
-            base_url = settings.nvidia_nim_base_url
             cloud_headers = {**json_headers, "Authorization": f"Bearer {key}"}
             self.cloud = Target(
                 "cloud",
-                base_url,
-                UpstreamPool(base_url, cloud_headers, settings.connect_timeout),
+                UpstreamPool(settings.nvidia_nim_base_url, cloud_headers, settings.connect_timeout),
                 self._breaker("cloud", self._probe_cloud),
             )
         self.watch_load = any(self.policy(r) == "on_overload" for r in catalog.routes_of_kind("llm"))
@@ -194,14 +190,14 @@ class LLMRouter:
     def readiness(self) -> dict[str, object]:
         targets: dict[str, object] = {
             "local": {
-                "url": self.local.base_url,
+                "url": self.local.pool.base_url,
                 "served_models": sorted(self.served or ()),
                 "requests_waiting": self.waiting,
                 **self.local.breaker.status(),
             },
         }
         if self.cloud is not None:
-            targets["cloud"] = {"url": self.cloud.base_url, **self.cloud.breaker.status()}
+            targets["cloud"] = {"url": self.cloud.pool.base_url, **self.cloud.breaker.status()}
         ready = any(self.available(r) for r in self.catalog.routes_of_kind("llm"))
         return {"ready": ready, "overloaded": self.overloaded, "targets": targets}
 

@@ -215,6 +215,7 @@ class UpstreamPool:
         url = urlsplit(base_url)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError(f"not an http(s) URL: {base_url}")
+        self.base_url = base_url
         self.host = url.hostname
         self.port = url.port or (443 if url.scheme == "https" else 80)
         self.base_path = url.path.rstrip("/")
