@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import CLIENT_KEY, BackgroundLoop, Gateway, clean_env
+from tests.real_speech import whisper_base
 from tests.sims.openai_upstream import OpenAIUpstream
 
 
@@ -14,6 +15,12 @@ def bg_loop() -> Iterator[BackgroundLoop]:
     loop = BackgroundLoop()
     yield loop
     loop.close()
+
+
+@pytest.fixture(scope="session")
+def real_whisper_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The packaged real Whisper base model, joined into a folder of this test session's own."""
+    return whisper_base(tmp_path_factory.mktemp("whisper-base"))
 
 
 @pytest.fixture
