@@ -122,6 +122,11 @@ class Settings(BaseSettings):
     tts_timeout: float = _env("APPLIANCE_TTS_TIMEOUT", 30.0, gt=0)  # for an answer, and between chunks
     tts_health_interval: float = _env("APPLIANCE_TTS_HEALTH_INTERVAL", 5.0, gt=0)
     tts_voices_ttl: float = _env("APPLIANCE_TTS_VOICES_TTL", 300.0, gt=0)
+    # Synthesis requests sent to the NIM at once; the rest wait in order. The NIM's default profile
+    # batches 8 (TTS NIM 1.8+ profiles serve up to 64 streams, 1.7 and older 5): match the profile.
+    tts_max_streams: int = _env("APPLIANCE_TTS_MAX_STREAMS", 8, ge=1)
+    tts_max_waiting: int = _env("APPLIANCE_TTS_MAX_WAITING", 64, ge=0)  # then 429 busy at once
+    tts_queue_timeout: float = _env("APPLIANCE_TTS_QUEUE_TIMEOUT", 10.0, gt=0)  # longest wait for a turn
 
     log_level: Literal["debug", "info", "warning", "error"] = _env("APPLIANCE_LOG_LEVEL", "info")
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 from starlette.types import Receive, Scope
 
@@ -45,6 +47,11 @@ async def read_body(scope: Scope, receive: Receive, cap: int) -> bytes:
             return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
+def busy(message: str, retry_after: int = 2) -> APIError:
+    """429 `busy`: the client should come back after `retry_after` seconds."""
+    return APIError(429, message, code="busy", headers={"retry-after": str(retry_after)})
+
+
 class Admission:
     """Caps the requests a route works on at once, so that queued uploads cannot exhaust memory;
     past the cap the client gets a 429 with Retry-After instead of a long wait."""
@@ -57,14 +64,71 @@ class Admission:
     @contextmanager
     def slot(self) -> Iterator[None]:
         if self.active >= self.limit:
-            raise APIError(
-                429,
-                f"The appliance is busy with {self.active} {self.what} requests; try again shortly.",
-                code="busy",
-                headers={"retry-after": "2"},
-            )
+            raise busy(f"The appliance is busy with {self.active} {self.what} requests; try again shortly.")
         self.active += 1
         try:
             yield
         finally:
             self.active -= 1
+
+
+class WaitingLine:
+    """At most `limit` holders at once; the rest wait their turn in arrival order, at most `max_waiting`
+    of them and each for at most `timeout` seconds. Past either bound the client gets 429 `busy` with
+    Retry-After: a queue that can grow without bound, or a wait without end, would turn an overload
+    into timeouts for everyone."""
+
+    def __init__(self, limit: int, max_waiting: int, timeout: float, what: str) -> None:
+        self.limit = limit
+        self.max_waiting = max_waiting
+        self.timeout = timeout
+        self.what = what
+        self.active = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        await self._acquire()
+        try:
+            yield
+        finally:
+            self._release()
+
+    async def _acquire(self) -> None:
+        if self.active < self.limit and not self._waiters:
+            self.active += 1
+            return
+        if len(self._waiters) >= self.max_waiting:
+            raise self._busy()
+        turn = asyncio.get_running_loop().create_future()
+        self._waiters.append(turn)
+        try:
+            async with asyncio.timeout(self.timeout):
+                await turn
+        except BaseException as exc:
+            if turn.done() and not turn.cancelled():
+                self._release()  # the slot was handed over just as this wait ended: pass it on
+            elif turn in self._waiters:  # still in line (a release may already have skipped it)
+                self._waiters.remove(turn)
+            if isinstance(exc, TimeoutError):
+                raise self._busy() from None
+            raise
+
+    def _release(self) -> None:
+        """Hand the slot straight to the next in line, so nobody can overtake the queue."""
+        while self._waiters:
+            turn = self._waiters.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
+        self.active -= 1
+
+    def _busy(self) -> APIError:
+        return busy(
+            f"The {self.what} is busy ({self.active} requests running, {self.waiting} waiting); "
+            "try again shortly."
+        )

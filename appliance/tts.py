@@ -6,6 +6,8 @@ The NIM (port 9000) speaks multipart/form-data, not OpenAI:
 - `GET /v1/audio/list_voices` answers `{"en-US,es-US,...": {"voices": ["Magpie-Multilingual.EN-US.Aria"]}}`;
 - `GET /v1/health/ready` answers 200 once the model is loaded, 503 while it starts.
 It takes at most 2,000 characters per request, so long text goes in sentence-sized pieces, in order.
+Every synthesis request waits its turn in one line (`APPLIANCE_TTS_MAX_STREAMS` at once): past what its
+profile batches, the NIM only gets slower for everyone, and a class of readers would time out together.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import orjson
 
 from appliance.config import Settings
 from appliance.errors import APIError, bad_request, unavailable
+from appliance.limits import WaitingLine
 
 # OpenAI's built-in voice names; those the voice table leaves out speak with its "default" voice.
 OPENAI_VOICES = frozenset(
@@ -172,6 +175,12 @@ class MagpieClient:
         self._catalog: VoiceCatalog | None = None
         self._catalog_at = 0.0
         self._catalog_lock = asyncio.Lock()
+        self.line = WaitingLine(
+            settings.tts_max_streams,
+            settings.tts_max_waiting,
+            settings.tts_queue_timeout,
+            "text-to-speech engine",
+        )
 
     @property
     def http(self) -> aiohttp.ClientSession:
@@ -219,20 +228,23 @@ class MagpieClient:
 
     async def synthesize(self, text: str, choice: VoiceChoice) -> bytes:
         """PCM (s16le mono at sample_rate) for one piece of text, from the NIM's WAV answer."""
-        with self._engine_errors():
-            async with self._post("/v1/audio/synthesize", text, choice) as resp:
-                wav = await resp.read()
+        async with self.line.slot():
+            with self._engine_errors():
+                async with self._post("/v1/audio/synthesize", text, choice) as resp:
+                    wav = await resp.read()
         try:
             return pcm_from_wav(wav, self.sample_rate)
         except (av.FFmpegError, ValueError):
             raise unavailable(f"{self.engine} answered audio that is not WAV.", code="tts_failed") from None
 
     async def stream(self, text: str, choice: VoiceChoice) -> AsyncIterator[bytes]:
-        """PCM chunks for one piece of text as the NIM makes them."""
-        with self._engine_errors():
-            async with self._post("/v1/audio/synthesize_online", text, choice) as resp:
-                async for chunk in resp.content.iter_any():
-                    yield chunk
+        """PCM chunks for one piece of text as the NIM makes them (read them promptly: the turn in
+        line is held until the piece ends)."""
+        async with self.line.slot():
+            with self._engine_errors():
+                async with self._post("/v1/audio/synthesize_online", text, choice) as resp:
+                    async for chunk in resp.content.iter_any():
+                        yield chunk
 
     @asynccontextmanager
     async def _post(self, path: str, text: str, choice: VoiceChoice) -> AsyncIterator[aiohttp.ClientResponse]:
