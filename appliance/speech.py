@@ -1,8 +1,9 @@
 """OpenAI's `POST /v1/audio/speech`, served by the local MagpieTTS NIM; `GET /v1/audio/voices`.
 
 Text never leaves the box: there is no cloud fallback for speech.
-Without `stream_format` the whole file is built first (complete headers, a clean error if anything
-fails); with `stream_format: "audio"` encoded audio is sent as the NIM produces it.
+As OpenAI's, the answer streams by default (chunked, encoded as the NIM speaks, `stream_format` absent
+or "audio"), so read-aloud starts after the first words, not after the whole text. `?stream=false`
+asks for the whole file instead (complete headers and Content-Length, a clean error if anything fails).
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from appliance.app import AppState, app_state
 from appliance.audio.encode import FORMATS, SPEED_MAX, SPEED_MIN, AudioFormat, Encoder
 from appliance.errors import APIError, bad_request, unavailable
+from appliance.limits import read_body
 from appliance.log import event
 from appliance.middleware import request_context
 from appliance.tts import MagpieClient, VoiceChoice, choose_voice, split_text, voice_locale
@@ -112,24 +115,26 @@ def install(app: FastAPI, state: AppState) -> None:
     state.shutdown.append(stop)
 
     @app.post("/v1/audio/speech")
-    async def create_speech(body: SpeechRequest, request: Request) -> Response:
+    async def create_speech(request: Request) -> Response:
         ctx = request_context(request.scope)
+        # Read up to the cap chat uses: the text is at most a few KB, so a huge body is refused, not held.
+        body = _parse(await read_body(request.scope, request.receive, settings.max_body_bytes))
         route = app_state(request).require_route(body.model, "tts")
         ctx.model = route.name
         _check_input(body, settings.tts_max_chars)
+        streaming = _wants_stream(request, body)
         await health.require_ready()
         ctx.target = "local"
         try:
-            return await speak(body, ctx.request_id)
+            return await speak(body, streaming, ctx.request_id)
         except APIError as exc:
             health.note_failure(exc)
             raise
 
-    async def speak(body: SpeechRequest, request_id: str) -> Response:
+    async def speak(body: SpeechRequest, streaming: bool, request_id: str) -> Response:
         choice = choose_voice(body.voice_name, body.language, await nim.voices(), settings)
         pieces = split_text(body.input, settings.tts_piece_chars)
         fmt = FORMATS[body.response_format]
-        streaming = body.stream_format == "audio"
         event(
             "tts",
             request_id=request_id,
@@ -160,6 +165,26 @@ def install(app: FastAPI, state: AppState) -> None:
                 "aliases": aliases,
             }
         )
+
+
+def _parse(raw: bytes) -> SpeechRequest:
+    try:
+        return SpeechRequest.model_validate_json(raw)
+    except ValidationError as exc:  # answered as the framework answers any invalid body
+        raise RequestValidationError(exc.errors()) from None
+
+
+def _wants_stream(request: Request, body: SpeechRequest) -> bool:
+    """Stream unless the query says `stream=false` (OpenAI's API has no way to ask for a whole file)."""
+    flag = request.query_params.get("stream", "true").strip().lower()
+    if flag not in ("true", "false"):
+        raise bad_request(f"Invalid 'stream' query parameter '{flag}': use true or false.", param="stream")
+    if flag == "false" and body.stream_format == "audio":
+        raise bad_request(
+            "stream=false asks for the whole file and stream_format 'audio' for a stream: send one.",
+            param="stream_format",
+        )
+    return flag == "true"
 
 
 def _check_input(body: SpeechRequest, max_chars: int) -> None:
@@ -194,16 +219,51 @@ async def _whole_file(
     return await asyncio.to_thread(encoder.close)
 
 
-async def _pcm_stream(nim: MagpieClient, pieces: list[str], choice: VoiceChoice) -> AsyncIterator[bytes]:
-    """The PCM of every piece, in order, as one stream; a stream with no audio at all is a failure."""
-    produced = False
-    for piece in pieces:
-        async for chunk in nim.stream(piece, choice):
-            if chunk:
-                produced = True
-                yield chunk
-    if not produced:
-        raise unavailable("The text-to-speech engine answered no audio.", code="tts_failed")
+class _Pieces:
+    """The PCM of every piece, in order, as one stream.
+
+    A task asks the NIM for one piece after another and reads each answer as fast as the NIM speaks it,
+    so the NIM's turn in line ends when the piece does, not when a slow client has taken it; it works
+    at most one piece ahead of what the client has taken, so a stalled client holds little memory.
+    """
+
+    _PIECE_END = b""  # audio chunks are never empty
+    _AHEAD = 2  # pieces buffered: the one being read and the next
+
+    def __init__(self, nim: MagpieClient, pieces: list[str], choice: VoiceChoice) -> None:
+        self._queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()
+        self._room = asyncio.Semaphore(self._AHEAD)
+        self._task = asyncio.create_task(self._synthesise(nim, pieces, choice))
+
+    async def _synthesise(self, nim: MagpieClient, pieces: list[str], choice: VoiceChoice) -> None:
+        try:
+            for piece in pieces:
+                await self._room.acquire()
+                async for chunk in nim.stream(piece, choice):
+                    if chunk:
+                        self._queue.put_nowait(chunk)
+                self._queue.put_nowait(self._PIECE_END)
+            self._queue.put_nowait(None)
+        except Exception as exc:  # handed to the reader, which raises it in the request
+            self._queue.put_nowait(exc)
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        produced = False
+        while (item := await self._queue.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            if item == self._PIECE_END:
+                self._room.release()
+                continue
+            produced = True
+            yield item
+        if not produced:
+            raise unavailable("The text-to-speech engine answered no audio.", code="tts_failed")
+
+    async def aclose(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
 
 
 async def _stream(
@@ -215,12 +275,14 @@ async def _stream(
     request_id: str,
     health: EngineHealth,
 ) -> Response:
-    pcm = _pcm_stream(nim, pieces, choice)
-    # Wait for the first audio before answering, so a NIM that fails at once gets a clean 503.
+    synthesis = _Pieces(nim, pieces, choice)
+    pcm = aiter(synthesis)
+    # Wait for the first audio before answering, so a NIM that fails at once (or a full line) gets a
+    # clean error status rather than a cut stream.
     try:
         first = await anext(pcm)
     except BaseException:
-        await pcm.aclose()
+        await synthesis.aclose()
         raise
     encoder = Encoder(fmt, nim.sample_rate, speed, streaming=True)
 
@@ -239,6 +301,6 @@ async def _stream(
             health.note_failure(exc)
             raise
         finally:
-            await pcm.aclose()
+            await synthesis.aclose()
 
     return StreamingResponse(body(), media_type=fmt.content_type)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import itertools
+import struct
+import threading
 import time
 import wave
 from collections.abc import Callable, Iterator
@@ -22,6 +24,8 @@ from tests.openapi import validate
 from tests.sims.magpie_nim import MagpieNIM
 
 SENTENCE = "The quick brown fox jumps over the lazy dog. "
+WHOLE_FILE = {"stream": "false"}  # the query flag that asks for the complete file
+MAX_STREAMS = 3  # the module gateway's APPLIANCE_TTS_MAX_STREAMS
 TONE_HZ = 220.0  # the simulator's tone
 # response_format -> (container, decoders, sample rate, content type)
 FORMATS = {
@@ -60,6 +64,7 @@ def gateway(nim: MagpieNIM, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         APPLIANCE_TTS_HEALTH_INTERVAL="0.1",
         APPLIANCE_TTS_TIMEOUT="1",
         APPLIANCE_TTS_VOICES_TTL="1",
+        APPLIANCE_TTS_MAX_STREAMS=str(MAX_STREAMS),
     )
     gw = Gateway(env, tmp / "gateway.log").start()
     wait_until(lambda: tts_check(gw)["ready"])
@@ -110,26 +115,39 @@ def dominant_hz(samples: np.ndarray, rate: int) -> float:
     return float(np.fft.rfftfreq(len(samples), 1 / rate)[spectrum.argmax()])
 
 
-def speech(gw: Gateway, **body: Any) -> httpx.Response:
+def speech(gw: Gateway, params: dict[str, str] | None = None, **body: Any) -> httpx.Response:
     with gw.http() as http:
-        return http.post("/v1/audio/speech", json={"model": "tts-1", "voice": "alloy", **body})
+        return http.post("/v1/audio/speech", params=params, json={"model": "tts-1", "voice": "alloy", **body})
+
+
+def wav_sizes(data: bytes) -> tuple[int, int]:
+    """(RIFF size, data size) of a canonical 44-byte WAV header."""
+    assert data[:4] == b"RIFF" and data[8:16] == b"WAVEfmt " and data[36:40] == b"data"
+    return struct.unpack("<I", data[4:8])[0], struct.unpack("<I", data[40:44])[0]
 
 
 # Formats, speed, streaming.
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_every_response_format_decodes_to_the_expected_audio(gateway, nim, fmt):
+def test_whole_file_on_request_decodes_to_the_expected_audio(gateway, nim, fmt):
     response = gateway.client().audio.speech.create(
-        model="nvidia/magpietts", input=SENTENCE * 8, voice="default", response_format=fmt
+        model="nvidia/magpietts",
+        input=SENTENCE * 8,
+        voice="default",
+        response_format=fmt,
+        extra_query=WHOLE_FILE,
     )
     container, codecs, rate, content_type = FORMATS[fmt]
     assert response.response.headers["content-type"] == content_type
+    assert int(response.response.headers["content-length"]) == len(response.content)
     got_container, codec, got_rate, samples = decode(response.content, fmt)
     assert (got_container, got_rate) == (container, rate)
     assert codec in codecs
     assert [c.path for c in nim.calls] == ["/v1/audio/synthesize"] * 2  # 360 characters, 2 pieces
     assert len(samples) / rate == pytest.approx(synthesised_seconds(nim), abs=0.12)
+    if fmt == "wav":  # complete headers: the real sizes
+        assert wav_sizes(response.content) == (len(response.content) - 8, len(response.content) - 44)
 
 
 def test_mp3_is_the_default_format(gateway, nim):
@@ -149,11 +167,11 @@ def test_speed_changes_duration_but_not_pitch(gateway, nim, speed):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_streaming_sends_audio_before_the_engine_has_finished(gateway, nim, fmt):
+def test_speech_streams_by_default_in_every_format(gateway, nim, fmt):
     text = SENTENCE * 12  # 540 characters: three pieces
     received: list[tuple[float, bytes]] = []
     with gateway.client().audio.speech.with_streaming_response.create(
-        model="tts-1", input=text, voice="nova", response_format=fmt, stream_format="audio"
+        model="tts-1", input=text, voice="nova", response_format=fmt
     ) as response:
         assert response.headers["content-type"] == FORMATS[fmt][3]
         assert "content-length" not in response.headers  # chunked, as it is produced
@@ -166,6 +184,44 @@ def test_streaming_sends_audio_before_the_engine_has_finished(gateway, nim, fmt)
     _, _, rate, samples = decode(b"".join(chunk for _, chunk in received), fmt)
     assert rate == FORMATS[fmt][2]
     assert len(samples) / rate == pytest.approx(synthesised_seconds(nim), abs=0.12)
+
+
+def test_stream_format_audio_streams_too(gateway, nim):
+    with gateway.client().audio.speech.with_streaming_response.create(
+        model="tts-1", input=SENTENCE, voice="alloy", response_format="pcm", stream_format="audio"
+    ) as response:
+        assert response.headers["transfer-encoding"] == "chunked"
+        assert len(response.read()) > 0
+    assert [c.path for c in nim.calls] == ["/v1/audio/synthesize_online"]
+
+
+def test_streamed_wav_header_says_until_the_end_as_openai_does(gateway, nim):
+    with gateway.client().audio.speech.with_streaming_response.create(
+        model="tts-1", input=SENTENCE * 4, voice="alloy", response_format="wav"
+    ) as response:
+        data = response.read()
+    # OpenAI's streaming WAV: the canonical 44-byte header with both sizes 0xFFFFFFFF, then the samples.
+    assert wav_sizes(data) == (0xFFFFFFFF, 0xFFFFFFFF)
+    with wave.open(io.BytesIO(data[:44])) as header:  # any WAV reader takes it
+        assert (header.getnchannels(), header.getsampwidth(), header.getframerate()) == (1, 2, 22050)
+    assert (len(data) - 44) / 2 / 22050 == pytest.approx(synthesised_seconds(nim), abs=0.01)
+
+
+def test_first_audio_of_a_long_text_arrives_after_the_first_piece_not_all(gateway, nim):
+    text = " ".join(f"This is sentence number {i} of the story." for i in range(30))  # 30 sentences
+    sent = time.time()
+    with gateway.client().audio.speech.with_streaming_response.create(
+        model="tts-1", input=text, voice="alloy", response_format="mp3"
+    ) as response:
+        chunks = response.iter_bytes()
+        next(chunks)
+        first_audio_at = time.time()
+        rest = b"".join(chunks)
+    calls = nim.calls
+    assert len(calls) >= 5 and rest
+    # The first bytes came while the engine was still speaking the first piece, and long before the last.
+    assert calls[0].first_audio_at is not None and sent < calls[0].first_audio_at < first_audio_at
+    assert first_audio_at < calls[0].finished_at < calls[-1].received_at
 
 
 def test_long_text_reaches_the_engine_in_order_in_pieces_it_accepts(gateway, nim):
@@ -303,6 +359,103 @@ def test_body_that_is_not_json_is_a_400(gateway, nim):
     validate("ErrorResponse", response.json())
 
 
+@pytest.mark.parametrize(
+    ("params", "body", "param"),
+    [
+        ({"stream": "maybe"}, {}, "stream"),
+        (WHOLE_FILE, {"stream_format": "audio"}, "stream_format"),
+    ],
+)
+def test_contradictory_or_unknown_stream_flag_is_a_400(gateway, nim, params, body, param):
+    response = speech(gateway, params, input="Hello.", **body)
+    assert response.status_code == 400, response.text
+    validate("ErrorResponse", response.json())
+    assert response.json()["error"]["param"] == param
+    assert nim.calls == []
+
+
+def test_oversized_body_is_a_413_before_it_is_read_whole(gateway, nim):
+    huge = {"model": "tts-1", "voice": "alloy", "input": "a" * (5 * 1024 * 1024)}  # over the 4 MiB cap
+    with gateway.http() as http:
+        declared = http.post("/v1/audio/speech", json=huge)
+
+        def trickle() -> Iterator[bytes]:  # chunked: no Content-Length to refuse it by
+            yield b'{"model": "tts-1", "voice": "alloy", "input": "'
+            for _ in range(5 * 16):
+                yield b"a" * 65536
+            yield b'"}'
+
+        chunked = http.post(
+            "/v1/audio/speech", content=trickle(), headers={"content-type": "application/json"}
+        )
+    for response in (declared, chunked):
+        assert response.status_code == 413, response.text
+        validate("ErrorResponse", response.json())
+        assert response.json()["error"]["code"] == "request_too_large"
+    assert nim.calls == []
+
+
+# A class reading at once: a capped number of NIM requests, the rest in line, then 429.
+
+
+def test_readers_beyond_the_cap_wait_their_turn_and_all_get_their_audio(gateway, nim):
+    readers = MAX_STREAMS * 3
+    nim.slow = 4  # each piece takes a while, so the readers overlap
+    results: list[tuple[int, float]] = []
+
+    def read() -> None:
+        with gateway.client(max_retries=0).audio.speech.with_streaming_response.create(
+            model="tts-1", input=SENTENCE * 8, voice="alloy", response_format="pcm"
+        ) as response:
+            pcm = response.read()
+        results.append((response.status_code, len(pcm) / 2 / 24000))
+
+    threads = [threading.Thread(target=read) for _ in range(readers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(results) == readers
+    expected = sum(nim.audio_seconds(piece) for piece in split_text(SENTENCE * 8, 250))
+    assert [status for status, _ in results] == [200] * readers
+    assert [seconds for _, seconds in results] == pytest.approx([expected] * readers, abs=0.05)
+    assert nim.peak_streams == MAX_STREAMS  # never more at once than the cap (the NIM itself allows 8)
+    assert len(nim.calls) == readers * 2
+
+
+def test_a_full_line_answers_429_busy_with_retry_after(start_gateway, nim):
+    gw = start_gateway(
+        APPLIANCE_TTS_URL=nim.url,
+        APPLIANCE_TTS_HEALTH_INTERVAL="0.1",
+        APPLIANCE_TTS_MAX_STREAMS="1",
+        APPLIANCE_TTS_MAX_WAITING="1",
+        APPLIANCE_TTS_QUEUE_TIMEOUT="0.5",
+    )
+    wait_until(lambda: tts_check(gw)["ready"])
+    nim.slow = 300  # the one allowed synthesis takes about 6 s
+    first: list[httpx.Response] = []
+    reading = threading.Thread(target=lambda: first.append(speech(gw, input="Hello.", response_format="pcm")))
+    reading.start()
+    wait_until(lambda: nim.active_streams == 1)
+    waited: list[httpx.Response] = []
+    waiting = threading.Thread(target=lambda: waited.append(speech(gw, input="Hello.")))
+    waiting.start()
+    time.sleep(0.2)  # the second request is now in line
+    started = time.monotonic()
+    line_full = speech(gw, input="Hello.")
+    assert time.monotonic() - started < 0.4  # refused at once: the line holds one
+    waiting.join(timeout=10)
+    for response in (line_full, waited[0]):
+        assert response.status_code == 429, response.text
+        validate("ErrorResponse", response.json())
+        assert response.json()["error"]["code"] == "busy"
+        assert response.headers["retry-after"] == "2"
+    assert len(nim.calls) == 1  # neither reached the engine
+    nim.slow = 1
+    reading.join(timeout=20)
+    assert first[0].status_code == 200 and first[0].content
+
+
 # Engine failures: a clear 503, never a hang, and /readyz tells.
 
 
@@ -324,11 +477,10 @@ def test_engine_not_ready_is_a_503_and_shows_on_readyz(gateway, nim):
     assert gateway.client().audio.speech.create(model="tts-1", input="Hello.", voice="alloy").content
 
 
-@pytest.mark.parametrize("stream_format", [None, "audio"])
-def test_engine_error_is_a_503_that_readyz_remembers(gateway, nim, stream_format):
+@pytest.mark.parametrize("params", [None, WHOLE_FILE])
+def test_engine_error_is_a_503_that_readyz_remembers(gateway, nim, params):
     nim.fail, nim.error_status = "error", 500
-    extra = {"stream_format": stream_format} if stream_format else {}
-    response = speech(gateway, input="Hello.", **extra)
+    response = speech(gateway, params, input="Hello.")
     assert response.status_code == 503
     validate("ErrorResponse", response.json())
     assert response.json()["error"]["code"] == "tts_failed"
@@ -344,12 +496,11 @@ def test_engine_dropping_connections_is_a_503(gateway, nim):
     wait_until(lambda: "unreachable" in tts_check(gateway)["detail"])
 
 
-@pytest.mark.parametrize("stream_format", [None, "audio"])
-def test_stalled_engine_times_out_with_a_503(gateway, nim, stream_format):
+@pytest.mark.parametrize("params", [None, WHOLE_FILE])
+def test_stalled_engine_times_out_with_a_503(gateway, nim, params):
     nim.fail = "stall"
-    extra = {"stream_format": stream_format} if stream_format else {}
     started = time.monotonic()
-    response = speech(gateway, input="Hello.", **extra)
+    response = speech(gateway, params, input="Hello.")
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "tts_timeout"
     assert "did not answer within 1 s" in response.json()["error"]["message"]
@@ -363,7 +514,7 @@ def test_stream_broken_midway_ends_with_an_incomplete_body(gateway, nim):
     with (
         pytest.raises(Exception, match="incomplete chunked read"),
         gateway.client().audio.speech.with_streaming_response.create(
-            model="tts-1", input=SENTENCE * 4, voice="alloy", response_format="wav", stream_format="audio"
+            model="tts-1", input=SENTENCE * 4, voice="alloy", response_format="wav"
         ) as response,
     ):
         for chunk in response.iter_bytes():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 
 import av
@@ -27,6 +27,8 @@ class AudioFormat:
     content_type: str
     rate: int | None = None  # fixed output rate; None keeps the source rate
     bit_rate: int | None = None
+    options: dict[str, str] = field(default_factory=dict)  # muxer options
+    stream_options: dict[str, str] = field(default_factory=dict)  # muxer options when streaming
 
 
 FORMATS: dict[str, AudioFormat] = {
@@ -34,10 +36,21 @@ FORMATS: dict[str, AudioFormat] = {
     for f in (
         AudioFormat("mp3", "mp3", "libmp3lame", "audio/mpeg", bit_rate=64_000),
         # Opus runs at 48 kHz (its decoders always output 48 kHz), in an Ogg container.
-        AudioFormat("opus", "ogg", "libopus", "audio/opus", rate=48_000, bit_rate=48_000),
+        # A streamed Ogg page holds 100 ms (the muxer's default is 1 s), so audio leaves as it is made.
+        AudioFormat(
+            "opus",
+            "ogg",
+            "libopus",
+            "audio/opus",
+            rate=48_000,
+            bit_rate=48_000,
+            stream_options={"page_duration": "100000"},
+        ),
         AudioFormat("aac", "adts", "aac", "audio/aac", bit_rate=64_000),
         AudioFormat("flac", "flac", "flac", "audio/flac"),
-        AudioFormat("wav", "wav", "pcm_s16le", "audio/wav"),
+        # The canonical 44-byte header (no LIST chunk naming the muxer). Streamed, both sizes are
+        # 0xFFFFFFFF ("until the end"), as in OpenAI's streaming WAV; whole, they are the real ones.
+        AudioFormat("wav", "wav", "pcm_s16le", "audio/wav", options={"fflags": "+bitexact"}),
         # OpenAI's `pcm` is headerless 24 kHz signed 16-bit little-endian mono; apps assume that rate.
         AudioFormat("pcm", "s16le", "pcm_s16le", "audio/pcm", rate=24_000),
     )
@@ -95,7 +108,8 @@ class Encoder:
         self.format = fmt
         self.source_rate = source_rate
         self._sink: _Chunks | io.BytesIO = _Chunks() if streaming else io.BytesIO()
-        self._container = av.open(self._sink, mode="w", format=fmt.container)
+        options = {**fmt.options, **(fmt.stream_options if streaming else {})}
+        self._container = av.open(self._sink, mode="w", format=fmt.container, options=options)
         rate = output_rate(fmt, source_rate)
         self._stream = self._container.add_stream(fmt.codec, rate=rate, layout="mono")
         if fmt.bit_rate:

@@ -7,6 +7,12 @@ stream of headerless 16-bit mono PCM chunks; `/v1/audio/list_voices` maps a comm
 `{"voices": [...]}`; `/v1/health/ready` and `/v1/health/live`; at most 2,000 characters of text per request.
 The audio is a tone whose length grows with the text, so tests can predict durations.
 
+Load behaves as NVIDIA's published figures describe: the first audio comes `first_audio_seconds` after a
+request starts (68 ms for one stream), plus `stream_load_seconds` for every other synthesis in progress
+(81 ms at four streams); at most `max_streams` syntheses run at once (the profile's batch size, 8 by
+default) and later requests wait inside the NIM in arrival order. `peak_streams` records the most
+syntheses that ran at once.
+
 Commands (set attributes from any thread): `fail` = "not_ready" | "error" | "refuse" | "stall" | None,
 `error_status`, `stall_after_chunks` (online synthesis: stall after this many chunks), `slow` (multiplies
 synthesis time). `calls` records every synthesis request with its text and timestamps (time.time()).
@@ -18,6 +24,8 @@ import asyncio
 import io
 import time
 import wave
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -73,6 +81,9 @@ class MagpieNIM(LoopbackServer):
     seconds_per_char: float = 0.06  # audio length per character of text (about 16 characters a second)
     real_time_factor: float = 0.1  # synthesis time per second of audio
     chunk_seconds: float = 0.1  # audio per streamed chunk
+    first_audio_seconds: float = 0.0  # before the first audio of a request (the NIM's own latency)
+    stream_load_seconds: float = 0.0  # added to that for every other synthesis in progress
+    max_streams: int = 8  # syntheses at once (the profile's batch size); the rest wait their turn
     voices: list[str] = field(default_factory=lambda: list(VOICES))
     # Commands.
     fail: str | None = None
@@ -83,6 +94,8 @@ class MagpieNIM(LoopbackServer):
     calls: list[SynthesisCall] = field(default_factory=list)
     health_checks: int = 0
     voice_lists: int = 0
+    active_streams: int = 0
+    peak_streams: int = 0
 
     # Lifecycle (run in the simulator's event loop).
 
@@ -93,12 +106,14 @@ class MagpieNIM(LoopbackServer):
         app.router.add_get("/v1/audio/list_voices", self._list_voices)
         app.router.add_post("/v1/audio/synthesize", self._synthesize)
         app.router.add_post("/v1/audio/synthesize_online", self._synthesize_online)
+        self._batch = asyncio.Semaphore(self.max_streams)
         await self._serve(app)
         return self.url
 
     def reset(self) -> None:
         self.fail, self.error_status, self.stall_after_chunks, self.slow = None, 500, 0, 1.0
         self.calls.clear()
+        self.peak_streams = self.active_streams
 
     def audio_seconds(self, text: str) -> float:
         return max(0.2, len(text) * self.seconds_per_char)
@@ -130,7 +145,8 @@ class MagpieNIM(LoopbackServer):
             return error
         assert call is not None
         seconds = self.audio_seconds(call.text)
-        await asyncio.sleep(seconds * self.real_time_factor * self.slow)
+        async with self._synthesis() as latency:
+            await asyncio.sleep(latency + seconds * self.real_time_factor * self.slow)
         call.first_audio_at = call.finished_at = time.time()
         return web.Response(
             body=_wav(_tone(seconds, call.sample_rate_hz), call.sample_rate_hz), content_type="audio/wav"
@@ -144,20 +160,33 @@ class MagpieNIM(LoopbackServer):
         pcm = _tone(self.audio_seconds(call.text), call.sample_rate_hz)
         step = int(self.chunk_seconds * call.sample_rate_hz) * 2
         response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
-        for index, start in enumerate(range(0, len(pcm), step)):
-            if self.fail == "stall" and index == self.stall_after_chunks:
-                await self._stall(request)
-            await asyncio.sleep(self.chunk_seconds * self.real_time_factor * self.slow)
-            if not response.prepared:
-                await response.prepare(request)
-            try:
-                await response.write(pcm[start : start + step])
-            except ConnectionResetError:  # the client stopped listening
-                return response
-            call.first_audio_at = call.first_audio_at or time.time()
+        async with self._synthesis() as latency:
+            await asyncio.sleep(latency)
+            for index, start in enumerate(range(0, len(pcm), step)):
+                if self.fail == "stall" and index == self.stall_after_chunks:
+                    await self._stall(request)
+                await asyncio.sleep(self.chunk_seconds * self.real_time_factor * self.slow)
+                if not response.prepared:
+                    await response.prepare(request)
+                try:
+                    await response.write(pcm[start : start + step])
+                except ConnectionResetError:  # the client stopped listening
+                    return response
+                call.first_audio_at = call.first_audio_at or time.time()
         await response.write_eof()
         call.finished_at = time.time()
         return response
+
+    @asynccontextmanager
+    async def _synthesis(self) -> AsyncIterator[float]:
+        """A turn in the engine's batch; yields the latency before this synthesis's first audio."""
+        async with self._batch:
+            self.active_streams += 1
+            self.peak_streams = max(self.peak_streams, self.active_streams)
+            try:
+                yield self.first_audio_seconds + self.stream_load_seconds * (self.active_streams - 1)
+            finally:
+                self.active_streams -= 1
 
     async def _accept(self, request: web.Request) -> tuple[SynthesisCall | None, web.StreamResponse | None]:
         """Parse and check a synthesis request the way the NIM does, or answer its refusal."""
