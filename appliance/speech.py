@@ -26,7 +26,14 @@ from appliance.errors import APIError, bad_request, unavailable
 from appliance.limits import read_body
 from appliance.log import event
 from appliance.middleware import request_context
-from appliance.tts import MagpieClient, VoiceChoice, choose_voice, split_text, voice_locale
+from appliance.tts import (
+    FIRST_PIECE_CHARS,
+    MagpieClient,
+    VoiceChoice,
+    choose_voice,
+    split_text,
+    voice_locale,
+)
 
 
 class VoiceRef(BaseModel):
@@ -133,7 +140,7 @@ def install(app: FastAPI, state: AppState) -> None:
 
     async def speak(body: SpeechRequest, streaming: bool, request_id: str) -> Response:
         choice = choose_voice(body.voice_name, body.language, await nim.voices(), settings)
-        pieces = split_text(body.input, settings.tts_piece_chars)
+        pieces = split_text(body.input, settings.tts_piece_chars, FIRST_PIECE_CHARS)
         fmt = FORMATS[body.response_format]
         event(
             "tts",

@@ -18,7 +18,7 @@ import openai
 import pytest
 from aiohttp import web
 
-from appliance.tts import pcm_from_wav, split_text
+from appliance.tts import FIRST_PIECE_CHARS, pcm_from_wav, split_text
 from tests.harness import CLIENT_KEY, Gateway, clean_env, run_appliance
 from tests.openapi import validate
 from tests.sims.magpie_nim import MagpieNIM
@@ -144,7 +144,8 @@ def test_whole_file_on_request_decodes_to_the_expected_audio(gateway, nim, fmt):
     got_container, codec, got_rate, samples = decode(response.content, fmt)
     assert (got_container, got_rate) == (container, rate)
     assert codec in codecs
-    assert [c.path for c in nim.calls] == ["/v1/audio/synthesize"] * 2  # 360 characters, 2 pieces
+    # 360 characters: the first sentence, then two pieces of at most 250
+    assert [c.path for c in nim.calls] == ["/v1/audio/synthesize"] * 3
     assert len(samples) / rate == pytest.approx(synthesised_seconds(nim), abs=0.12)
     if fmt == "wav":  # complete headers: the real sizes
         assert wav_sizes(response.content) == (len(response.content) - 8, len(response.content) - 44)
@@ -168,7 +169,7 @@ def test_speed_changes_duration_but_not_pitch(gateway, nim, speed):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_speech_streams_by_default_in_every_format(gateway, nim, fmt):
-    text = SENTENCE * 12  # 540 characters: three pieces
+    text = SENTENCE * 12  # 540 characters: the first sentence, then three pieces
     received: list[tuple[float, bytes]] = []
     with gateway.client().audio.speech.with_streaming_response.create(
         model="tts-1", input=text, voice="nova", response_format=fmt
@@ -176,9 +177,9 @@ def test_speech_streams_by_default_in_every_format(gateway, nim, fmt):
         assert response.headers["content-type"] == FORMATS[fmt][3]
         assert "content-length" not in response.headers  # chunked, as it is produced
         received += [(time.time(), chunk) for chunk in response.iter_bytes()]
-    assert [c.path for c in nim.calls] == ["/v1/audio/synthesize_online"] * 3
+    assert [c.path for c in nim.calls] == ["/v1/audio/synthesize_online"] * 4
     assert all(c.voice == "Magpie-Multilingual.EN-US.Sofia" for c in nim.calls)
-    # Playable audio reached the client before the engine finished even the first of the three pieces.
+    # Playable audio reached the client before the engine finished even the first piece.
     early = b"".join(chunk for at, chunk in received if at < nim.calls[0].finished_at)
     assert seconds_of_audio(early, fmt) > 0
     _, _, rate, samples = decode(b"".join(chunk for _, chunk in received), fmt)
@@ -219,7 +220,8 @@ def test_first_audio_of_a_long_text_arrives_after_the_first_piece_not_all(gatewa
         rest = b"".join(chunks)
     calls = nim.calls
     assert len(calls) >= 5 and rest
-    # The first bytes came while the engine was still speaking the first piece, and long before the last.
+    assert calls[0].text == "This is sentence number 0 of the story."  # the first piece: one sentence
+    # The first bytes came while the engine was still speaking it, and long before the last piece.
     assert calls[0].first_audio_at is not None and sent < calls[0].first_audio_at < first_audio_at
     assert first_audio_at < calls[0].finished_at < calls[-1].received_at
 
@@ -247,6 +249,19 @@ def test_text_splitting_prefers_sentences_then_clauses_then_words():
     pieces = split_text(text, 20)
     assert pieces == ["One two.", "Three four five;", "six seven, eight.", "x" * 20, "x" * 10]
     assert split_text("  Short text.  ", 250) == ["Short text."]
+
+
+def test_the_first_piece_is_the_first_sentence_or_what_of_it_fits():
+    text = "First one. " + "Then a much longer second sentence, which goes on. " * 4
+    assert split_text(text, 100, 20) == [
+        "First one.",
+        *split_text(text.removeprefix("First one. "), 100),
+    ]
+    assert split_text("A long first sentence, with a clause. More.", 100, 25) == [
+        "A long first sentence,",
+        "with a clause. More.",
+    ]
+    assert split_text("Short text.", 100, 20) == ["Short text."]
 
 
 def test_engine_wav_at_another_rate_or_layout_is_converted():
@@ -416,11 +431,12 @@ def test_readers_beyond_the_cap_wait_their_turn_and_all_get_their_audio(gateway,
     for thread in threads:
         thread.join(timeout=60)
     assert len(results) == readers
-    expected = sum(nim.audio_seconds(piece) for piece in split_text(SENTENCE * 8, 250))
+    pieces = split_text(SENTENCE * 8, 250, FIRST_PIECE_CHARS)
+    expected = sum(nim.audio_seconds(piece) for piece in pieces)
     assert [status for status, _ in results] == [200] * readers
     assert [seconds for _, seconds in results] == pytest.approx([expected] * readers, abs=0.05)
     assert nim.peak_streams == MAX_STREAMS  # never more at once than the cap (the NIM itself allows 8)
-    assert len(nim.calls) == readers * 2
+    assert len(nim.calls) == readers * len(pieces)
 
 
 def test_a_full_line_answers_429_busy_with_retry_after(start_gateway, nim):

@@ -165,6 +165,8 @@ class MagpieNIM(LoopbackServer):
             for index, start in enumerate(range(0, len(pcm), step)):
                 if self.fail == "stall" and index == self.stall_after_chunks:
                     await self._stall(request)
+                if request.transport is None or request.transport.is_closing():
+                    return response  # the client went away: stop synthesising for it
                 await asyncio.sleep(self.chunk_seconds * self.real_time_factor * self.slow)
                 if not response.prepared:
                     await response.prepare(request)
