@@ -243,7 +243,7 @@ def first_audio_table(rounds: dict[int, int] | None = None, class_rounds: int = 
 
         for readers, repeats in rounds.items():
             for name, text, whole in (("short", SHORT_TEXT, True), ("long", LONG_TEXT, False)):
-                for fmt in ("mp3", "pcm") if readers == 1 else ("mp3",):
+                for fmt in ("mp3", "pcm") if name == "short" or readers == 1 else ("mp3",):
                     label = f"{name} text ({len(text):,} chars), {fmt}"
                     nim, via = _nim_reader(text, whole), _gateway_reader(text, fmt, whole)
                     rows.append(compare(label, readers, nim, via, repeats))
