@@ -140,7 +140,8 @@ def install(app: FastAPI, state: AppState) -> None:
 
     async def speak(body: SpeechRequest, streaming: bool, request_id: str) -> Response:
         choice = choose_voice(body.voice_name, body.language, await nim.voices(), settings)
-        pieces = split_text(body.input, settings.tts_piece_chars, FIRST_PIECE_CHARS)
+        limit = settings.tts_piece_chars
+        pieces = split_text(body.input, limit, min(limit, FIRST_PIECE_CHARS))
         fmt = FORMATS[body.response_format]
         event(
             "tts",
