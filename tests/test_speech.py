@@ -9,6 +9,7 @@ import threading
 import time
 import wave
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import av
@@ -391,14 +392,21 @@ def test_contradictory_or_unknown_stream_flag_is_a_400(gateway, nim, params, bod
     assert nim.calls == []
 
 
+def peak_rss_mb(gw: Gateway) -> float:
+    assert gw.proc is not None
+    status = Path(f"/proc/{gw.proc.pid}/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) / 1024
+
+
 def test_oversized_body_is_a_413_before_it_is_read_whole(gateway, nim):
     huge = {"model": "tts-1", "voice": "alloy", "input": "a" * (5 * 1024 * 1024)}  # over the 4 MiB cap
+    peak_before = peak_rss_mb(gateway)
     with gateway.http() as http:
         declared = http.post("/v1/audio/speech", json=huge)
 
-        def trickle() -> Iterator[bytes]:  # chunked: no Content-Length to refuse it by
+        def trickle() -> Iterator[bytes]:  # 200 MiB, chunked: no Content-Length to refuse it by
             yield b'{"model": "tts-1", "voice": "alloy", "input": "'
-            for _ in range(5 * 16):
+            for _ in range(200 * 16):
                 yield b"a" * 65536
             yield b'"}'
 
@@ -410,6 +418,7 @@ def test_oversized_body_is_a_413_before_it_is_read_whole(gateway, nim):
         validate("ErrorResponse", response.json())
         assert response.json()["error"]["code"] == "request_too_large"
     assert nim.calls == []
+    assert peak_rss_mb(gateway) - peak_before < 64  # read whole, the 200 MiB body had cost +600 MB
 
 
 # A class reading at once: a capped number of NIM requests, the rest in line, then 429.
