@@ -199,8 +199,13 @@ def _together(clients: list[httpx.Client], read: Reader, rounds: int) -> list[fl
     times: list[float] = []
     with ThreadPoolExecutor(len(clients)) as pool:
         for _ in range(rounds):
-            barrier = threading.Barrier(len(clients))
-            times += pool.map(lambda client, start=barrier: (start.wait(), read(client))[1], clients)
+            start = threading.Barrier(len(clients))
+
+            def one(client: httpx.Client, start: threading.Barrier = start) -> float:
+                start.wait()
+                return read(client)
+
+            times += pool.map(one, clients)
     return times
 
 
