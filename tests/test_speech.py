@@ -450,6 +450,34 @@ def test_readers_beyond_the_cap_wait_their_turn_and_all_get_their_audio(gateway,
     assert len(nim.calls) == readers * len(pieces)
 
 
+def test_waiting_readers_get_their_turn_in_arrival_order(start_gateway, nim):
+    gw = start_gateway(
+        APPLIANCE_TTS_URL=nim.url,
+        APPLIANCE_TTS_HEALTH_INTERVAL="0.1",
+        APPLIANCE_TTS_MAX_STREAMS="1",
+        APPLIANCE_TTS_QUEUE_TIMEOUT="30",
+    )
+    wait_until(lambda: tts_check(gw)["ready"])
+    nim.slow = 300  # the first reader's synthesis holds the one turn while the others line up
+    answers: dict[str, httpx.Response] = {}
+
+    def read(name: str) -> None:
+        answers[name] = speech(gw, input=f"Reader {name}.", response_format="pcm")
+
+    threads = [threading.Thread(target=read, args=(name,)) for name in "ABCD"]
+    threads[0].start()
+    wait_until(lambda: nim.active_streams == 1)
+    for thread in threads[1:]:
+        thread.start()
+        time.sleep(0.5)  # B, C and D arrive in this order
+    nim.slow = 1
+    for thread in threads:
+        thread.join(timeout=30)
+    assert [c.text for c in nim.calls] == ["Reader A.", "Reader B.", "Reader C.", "Reader D."]
+    assert all(answers[name].status_code == 200 and answers[name].content for name in "ABCD")
+    assert nim.peak_streams == 1
+
+
 def test_a_full_line_answers_429_busy_with_retry_after(start_gateway, nim):
     gw = start_gateway(
         APPLIANCE_TTS_URL=nim.url,
