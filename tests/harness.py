@@ -20,7 +20,7 @@ import httpx
 import openai
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+REFERENCE = REPO / "tests" / "reference"  # public specs the tests validate against
 CLIENT_KEY = "sk-test-client-key-0123456789"
 T = TypeVar("T")
 

@@ -1,4 +1,4 @@
-"""Validation of real responses against the OpenAI API spec in ../shared/reference."""
+"""Validation of real responses against the OpenAI API spec in tests/reference."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from tests.harness import SHARED
+from tests.harness import REFERENCE
 
 SPEC_URI = "urn:openai-openapi"
 
 
 @cache
 def _registry() -> tuple[dict[str, Any], Registry]:
-    spec = json.loads((SHARED / "reference" / "openai-openapi-subset.json").read_text())
+    spec = json.loads((REFERENCE / "openai-openapi-subset.json").read_text())
     resource = Resource.from_contents(spec, default_specification=DRAFT202012)
     return spec, Registry().with_resource(SPEC_URI, resource)
 

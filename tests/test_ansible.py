@@ -21,6 +21,7 @@ import openai
 import pytest
 import yaml
 
+import ansible
 from appliance.config import load_settings
 from tests.gpu_snapshots import healthy_gpu
 from tests.harness import REPO, clean_env, free_port, run_appliance
@@ -53,7 +54,9 @@ def gpu(**changes: Any) -> dict[str, Any]:
     return healthy_gpu(**{**l4, **changes})
 
 
-def run_module(tmp_path: Path, args: dict[str, Any], pythonpath: str | None = str(REPO)) -> dict[str, Any]:
+def run_module(
+    tmp_path: Path, args: dict[str, Any], pythonpath: str | None = str(REPO), no_site: bool = False
+) -> dict[str, Any]:
     """Run nvml_health as Ansible does: a separate Python with the arguments in a JSON file."""
     args_file = tmp_path / "args.json"
     args_file.write_text(json.dumps({"ANSIBLE_MODULE_ARGS": args}))
@@ -62,7 +65,7 @@ def run_module(tmp_path: Path, args: dict[str, Any], pythonpath: str | None = st
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
     proc = subprocess.run(
-        [sys.executable, str(MODULE), str(args_file)],
+        [sys.executable, *(["-S"] if no_site else []), str(MODULE), str(args_file)],
         env=env,
         capture_output=True,
         text=True,
@@ -170,12 +173,12 @@ def test_module_finds_the_package_through_python_path(tmp_path):
 
 
 def test_module_without_the_package_says_to_set_python_path(tmp_path):
-    env = clean_env()
-    env.pop("PYTHONPATH")
-    probe = [sys.executable, "-c", "import importlib.util as u; print(u.find_spec('appliance') is not None)"]
-    if subprocess.run(probe, env=env, cwd=tmp_path, capture_output=True, text=True).stdout.strip() == "True":
-        pytest.skip("this interpreter has the appliance package installed")
-    result = run_module(tmp_path, {"snapshot": [gpu()]}, pythonpath=None)
+    # A server's Python has Ansible but not the appliance package. The test interpreter has both (the
+    # README installs it), so run it without its site-packages (-S) and with only Ansible on the path.
+    only_ansible = tmp_path / "only-ansible"
+    only_ansible.mkdir()
+    (only_ansible / "ansible").symlink_to(Path(ansible.__file__).parent)
+    result = run_module(tmp_path, {"snapshot": [gpu()]}, pythonpath=str(only_ansible), no_site=True)
     assert result["failed"] is True
     assert result["msg"].startswith(f"cannot import appliance.gpu with {sys.executable}")
     assert "python_path" in result["msg"]

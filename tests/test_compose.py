@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from appliance.catalog import load_catalog
-from tests.harness import REPO, SHARED, run_appliance
+from tests.harness import REFERENCE, REPO, run_appliance
 
 COMPOSE_FILE = REPO / "docker-compose.gpu.yml"
 SITE_ENV_TEMPLATE = REPO / "ansible" / "roles" / "appliance" / "templates" / "site.env.j2"
@@ -87,7 +87,7 @@ def raw() -> dict:
 
 @pytest.fixture(scope="module")
 def validator() -> jsonschema.Draft7Validator:
-    schema = json.loads((SHARED / "reference" / "compose-spec.json").read_text())
+    schema = json.loads((REFERENCE / "compose-spec.json").read_text())
     # The schema names draft 7 (its $schema lacks the trailing '#' that jsonschema looks up).
     jsonschema.Draft7Validator.check_schema(schema)
     return jsonschema.Draft7Validator(schema)
