@@ -45,6 +45,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     setup_logging(settings.log_level)
     event("starting", host=args.host, port=args.port, cloud=settings.cloud_enabled)
+    log_policies(settings)
     uvicorn.run(
         create_app(settings),
         host=args.host,
@@ -61,6 +62,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ssl_keyfile=args.ssl_keyfile,
     )
     return 0
+
+
+def log_policies(settings: Settings) -> None:
+    """One line per public model name: what may leave the box, as the gateway understood the settings."""
+    from appliance.catalog import load_catalog
+    from appliance.log import event
+    from appliance.policy import effective_policies
+
+    for policy in effective_policies(settings, load_catalog()):
+        event(
+            "policy",
+            model=policy.name,
+            cloud_fallback=policy.cloud_fallback,
+            leaves_box=policy.leaves_box,
+            cloud_model=policy.cloud_model,
+            detail=policy.reason,
+        )
 
 
 def cmd_keys(args: argparse.Namespace) -> int:

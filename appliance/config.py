@@ -5,14 +5,16 @@ The environment always wins over the file, so an admin can override one value wi
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import AliasChoices, BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -45,6 +47,9 @@ class ConfigError(Exception):
 
 class ModelOverride(BaseModel):
     """Per-public-model settings from the YAML file (`models: {name: {...}}`)."""
+
+    # A misspelled key here would silently leave the global (wider) policy in force.
+    model_config = ConfigDict(extra="forbid")
 
     cloud_fallback: FallbackPolicy | None = None
 
@@ -228,22 +233,94 @@ class Settings(BaseSettings):
 _CONFIG_FILE: dict[str, Path | None] = {"path": None}
 
 
-def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+# APPLIANCE_* variables that are not gateway settings: the config file's path, and what Ansible's
+# site.env gives docker compose (an admin may have it in the shell that runs `appliance`).
+OTHER_VARIABLES = frozenset(
+    {"APPLIANCE_CONFIG"}
+    | {
+        f"APPLIANCE_{name}"
+        for name in (
+            "BIND_ADDRESS", "HTTPS_PORT", "GPU_DEVICE", "UID", "GID", "HF_CACHE", "VLLM_PLUGINS",
+            "CONFIG_FILE", "TLS_DIR", "SECRETS_DIR", "CONFIG_REVISION",
+        )
+    }
+)  # fmt: skip
+
+
+def setting_variables() -> dict[str, str]:
+    """Environment variable -> the setting's name in the YAML file, for every setting."""
+    names: dict[str, str] = {}
+    for field_name, info in Settings.model_fields.items():
+        alias = info.validation_alias
+        variable = alias.choices[0] if isinstance(alias, AliasChoices) else field_name.upper()
+        names[str(variable)] = field_name
+    return names
+
+
+def did_you_mean(word: str, known: Iterable[str]) -> str:
+    """'; did you mean X?' with the closest known word, or '' when none is close."""
+    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def check_variable_names(environ: Mapping[str, str]) -> None:
+    """A misspelled APPLIANCE_* variable is an error: ignored, it would leave a wider default in force."""
+    known = set(setting_variables()) | OTHER_VARIABLES
+    for variable in sorted(environ):
+        if variable.upper().startswith("APPLIANCE_") and variable.upper() not in known:
+            raise ConfigError(f"unknown environment variable {variable}{did_you_mean(variable, known)}")
+
+
+def check_model_names(settings: Settings, route_names: Iterable[str], aliases: Mapping[str, str]) -> None:
+    """Per-model settings must name a public model: under any other name they would never apply."""
+    names = set(route_names)
+    for name in settings.models:
+        if name in names:
+            continue
+        if name in aliases:
+            raise ConfigError(f"models: '{name}' is an alias; write its public name '{aliases[name]}'")
+        raise ConfigError(f"models: unknown model '{name}'{did_you_mean(name, names)}")
+
+
+def _describe(error: Any, config_file: Path | None) -> str:
+    """One line for a validation error; never the value (it may be a key)."""
+    loc = [str(p) for p in error["loc"]]
+    where = ".".join(loc) or "configuration"
+    if error["type"] != "extra_forbidden":
+        return f"invalid setting {where}: {error['msg']}"
+    if loc:  # the file's name for a setting, whichever spelling pydantic reports
+        loc[0] = setting_variables().get(loc[0], loc[0])
+    in_file = f" in {config_file}" if config_file else ""
+    if len(loc) == 3 and loc[0] == "models":
+        known: Iterable[str] = ModelOverride.model_fields
+        return f"unknown setting '{loc[2]}' under models: {loc[1]}{in_file}{did_you_mean(loc[2], known)}"
+    known = setting_variables().values()
+    return f"unknown setting '{where}'{in_file}{did_you_mean(where.lower(), known)}"
+
+
+def load_settings(
+    config_file: str | Path | None = None, environ: Mapping[str, str] | None = None, **overrides: Any
+) -> Settings:
     """Read settings; raise ConfigError with one line naming the first bad setting."""
-    path = config_file or os.environ.get("APPLIANCE_CONFIG") or None
+    from appliance.catalog import load_catalog
+
+    environ = os.environ if environ is None else environ
+    check_variable_names(environ)
+    path = config_file or environ.get("APPLIANCE_CONFIG") or None
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"APPLIANCE_CONFIG: no such file: {path}")
     _CONFIG_FILE["path"] = path
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "configuration"
-        # Never echo the value: it may be a key.
-        raise ConfigError(f"invalid setting {where}: {err['msg']}") from None
+        raise ConfigError(_describe(exc.errors()[0], path)) from None
     except Exception as exc:  # YAML syntax errors and the like
         raise ConfigError(f"cannot read configuration {path}: {type(exc).__name__}: {exc}") from None
     finally:
         _CONFIG_FILE["path"] = None
+    catalog = load_catalog()
+    aliases = {alias: r.name for r in catalog.routes for alias in r.aliases}
+    check_model_names(settings, (r.name for r in catalog.routes), aliases)
+    return settings
