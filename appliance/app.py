@@ -80,12 +80,12 @@ def new_http_client(settings: Settings) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
 
 
-def create_app(settings: Settings) -> GatewayMiddleware:
+def create_app(settings: Settings, keys: KeyStore | None = None) -> GatewayMiddleware:
     """The ASGI app to serve: the gateway layer around the FastAPI app (`.app`)."""
     state = AppState(
         settings=settings,
         catalog=load_catalog(),
-        keys=KeyStore(settings.client_keys, settings.resolved_keys_file),
+        keys=keys or KeyStore(settings.client_keys, settings.resolved_keys_file),
     )
 
     @asynccontextmanager

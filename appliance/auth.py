@@ -7,13 +7,17 @@ changes, so keys can be rotated without a restart.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
+import logging
 import os
+import re
 import secrets
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from appliance.log import event
 
 KEY_PREFIX = "sk-appliance-"
 
@@ -26,18 +30,50 @@ def new_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
-def read_keys_file(path: Path) -> dict[str, str]:
-    """Key id -> hash. Blank lines and `#` comments are skipped; malformed lines are an error."""
-    keys: dict[str, str] = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+# Key names go into the keys file, logs and metrics as they are: one token that cannot start a comment.
+KEY_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+HASH = re.compile(r"sha256:[0-9a-f]{64}")
+KEY_NAME_RULE = "letters, digits, '-', '_' and '.', 1 to 64 characters"
+
+
+def check_key_name(name: str) -> str:
+    """The name if it can name a key; ValueError (its message says the rule) if not."""
+    if not KEY_NAME.fullmatch(name):
+        raise ValueError(f"invalid key name {name!r}: use {KEY_NAME_RULE}")
+    return name
+
+
+@dataclass
+class KeysFile:
+    """What a keys file holds: its valid keys, and one message per line that could not be used."""
+
+    keys: dict[str, str] = field(default_factory=dict)  # key id -> hash
+    problems: list[str] = field(default_factory=list)
+
+
+def parse_keys_file(path: Path) -> KeysFile:
+    """Every valid line of a keys file. Blank lines and `#` comments are skipped; a bad line is named
+    in `problems` and skipped, so one mistake never takes the other keys with it."""
+    parsed = KeysFile()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return parsed
+    except (OSError, UnicodeDecodeError) as exc:
+        parsed.problems.append(f"{path}: cannot read: {exc.strerror or type(exc).__name__}")
+        return parsed
+    for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         parts = line.split()
-        if len(parts) != 2 or not parts[1].startswith("sha256:"):
-            raise ValueError(f"{path}:{number}: expected '<key id> sha256:<hex>'")
-        keys[parts[0]] = parts[1]
-    return keys
+        if len(parts) != 2 or not HASH.fullmatch(parts[1]) or not KEY_NAME.fullmatch(parts[0]):
+            parsed.problems.append(f"{path}:{number}: expected '<key name> sha256:<64 hex digits>'")
+        elif parts[0] in parsed.keys:
+            parsed.problems.append(f"{path}:{number}: key '{parts[0]}' appears twice")
+        else:
+            parsed.keys[parts[0]] = parts[1]
+    return parsed
 
 
 def write_keys_file(path: Path, keys: dict[str, str]) -> None:
@@ -51,7 +87,11 @@ def write_keys_file(path: Path, keys: dict[str, str]) -> None:
 
 
 class KeyStore:
-    """Authenticates presented keys; returns the key id to log, never the key."""
+    """Authenticates presented keys; returns the key id to log, never the key.
+
+    At start, a keys file with bad lines still serves its valid keys (each bad line is logged). Once
+    running, a file that changes into one with bad lines is not taken: the last good set stays in force
+    (a half-edited file must not lock out the apps whose lines follow the mistake)."""
 
     RECHECK_SECONDS = 2.0
 
@@ -61,30 +101,38 @@ class KeyStore:
         self._file_keys: dict[str, str] = {}
         self._mtime: float | None = None
         self._checked = 0.0
-        self._reload()
+        self.problems: list[str] = []  # of the file as last read
+        self._reload(starting=True)
 
     @property
     def configured(self) -> bool:
         return bool(self._env or self._file_keys)
 
-    def _reload(self) -> None:
+    def _reload(self, starting: bool = False) -> None:
         if self._file is None:
             return
         try:
-            mtime = self._file.stat().st_mtime
+            mtime: float | None = self._file.stat().st_mtime
         except FileNotFoundError:
-            self._file_keys, self._mtime = {}, None
+            mtime = None
+        except OSError:
+            mtime = -1.0  # unreadable: parse_keys_file says why
+        if mtime == self._mtime and not starting:
             return
-        if mtime != self._mtime:
-            self._file_keys, self._mtime = read_keys_file(self._file), mtime
+        self._mtime = mtime
+        parsed = parse_keys_file(self._file)
+        self.problems = parsed.problems
+        for problem in parsed.problems:
+            kept = "its valid keys" if starting else "the keys it held before"
+            event("keys file problem", logging.WARNING, problem=problem, using=kept)
+        if starting or not parsed.problems:
+            self._file_keys = parsed.keys
 
     def authenticate(self, presented: str) -> str | None:
         now = time.monotonic()
         if now - self._checked > self.RECHECK_SECONDS:
             self._checked = now
-            # On a bad file keep the last good keys; `appliance keys` validates what it writes.
-            with contextlib.suppress(OSError, ValueError):
-                self._reload()
+            self._reload()
         digest = hash_key(presented)
         found = None
         # Compare against every key so the time taken does not depend on which one matched.

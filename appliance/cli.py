@@ -34,20 +34,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not os.access(tls_file, os.R_OK):
             return fail(f"cannot read TLS file {tls_file}")
     settings = settings_from(args)
-    try:
-        keys = KeyStore(settings.client_keys, settings.resolved_keys_file)
-    except ValueError as exc:
-        return fail(f"bad keys file: {exc}")
+    setup_logging(settings.log_level)
+    keys = KeyStore(settings.client_keys, settings.resolved_keys_file)  # logs each bad line it skips
     if not keys.configured:
+        bad = f"; {keys.problems[0]}" if keys.problems else ""
         return fail(
             "no client keys: set APPLIANCE_API_KEYS or create one with `appliance keys add NAME` "
-            f"(keys file: {settings.resolved_keys_file})"
+            f"(keys file: {settings.resolved_keys_file}){bad}"
         )
-    setup_logging(settings.log_level)
     event("starting", host=args.host, port=args.port, cloud=settings.cloud_enabled)
     log_policies(settings)
     uvicorn.run(
-        create_app(settings),
+        create_app(settings, keys),
         host=args.host,
         port=args.port,
         loop="uvloop",
@@ -82,26 +80,39 @@ def log_policies(settings: Settings) -> None:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from appliance.auth import hash_key, new_key, read_keys_file, write_keys_file
+    from appliance.auth import check_key_name, hash_key, new_key, parse_keys_file, write_keys_file
 
     path = settings_from(args).resolved_keys_file
-    keys = read_keys_file(path) if path.exists() else {}
+    if args.keys_command != "list":
+        try:
+            check_key_name(args.name)  # before anything is written: the name goes into the file as is
+        except ValueError as exc:
+            return fail(str(exc))
+    stored = parse_keys_file(path)
+    for problem in stored.problems:
+        print(f"appliance: {problem}", file=sys.stderr)
+    keys = stored.keys
     if args.keys_command == "list":
         for key_id in sorted(keys):
             print(key_id)
-        return 0
+        return 1 if stored.problems else 0
+    if stored.problems:  # rewriting the file would drop those lines, and the keys they were meant to be
+        return fail(f"fix or delete the lines above in {path} first; nothing was changed")
     if args.keys_command == "add":
         if args.name in keys:
             return fail(f"key '{args.name}' exists; remove it first to rotate it")
         key = new_key()
         keys[args.name] = hash_key(key)
-        write_keys_file(path, keys)
-        print(key)  # shown once: only its hash is stored
-        return 0
-    if args.name not in keys:  # remove
+    elif args.name not in keys:  # remove
         return fail(f"no key named '{args.name}'")
-    del keys[args.name]
-    write_keys_file(path, keys)
+    else:
+        del keys[args.name]
+    try:
+        write_keys_file(path, keys)
+    except OSError as exc:
+        return fail(f"cannot write {path}: {exc.strerror or exc}")
+    if args.keys_command == "add":
+        print(key)  # shown once: only its hash is stored
     return 0
 
 
