@@ -24,6 +24,7 @@ class Route:
     aliases: tuple[str, ...] = ()
     local: tuple[str, ...] = ()  # catalog model ids, in order of preference
     cloud: str | None = None  # NVIDIA cloud model id, if the cloud serves it
+    cpu: str | None = None  # catalog model id that serves it on a machine without a GPU, if any
     # Request fields a local engine gets when the client did not set them (e.g. reasoning off for a
     # quick-answer tier served by a reasoning model).
     local_defaults: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
@@ -67,6 +68,7 @@ def parse_catalog(data: dict[str, Any]) -> Catalog:
             aliases=tuple(r.get("aliases", ())),
             local=tuple(r.get("local", ())),
             cloud=r.get("cloud"),
+            cpu=r.get("cpu"),
             local_defaults=r.get("local_defaults", {}),
         )
         for r in data.get("route", [])

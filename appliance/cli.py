@@ -6,7 +6,9 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
+from appliance import __version__
 from appliance.config import ConfigError, Settings, load_settings
 
 Handler = Callable[[argparse.Namespace], int]
@@ -28,6 +30,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from appliance.auth import KeyStore
     from appliance.log import event, setup_logging
 
+    if not 1 <= args.port <= 65535:
+        return fail(f"--port {args.port} is not a TCP port (1-65535)", 2)
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         return fail("--ssl-certfile and --ssl-keyfile go together")
     for tls_file in filter(None, (args.ssl_certfile, args.ssl_keyfile)):
@@ -42,6 +46,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "no client keys: set APPLIANCE_API_KEYS or create one with `appliance keys add NAME` "
             f"(keys file: {settings.resolved_keys_file}){bad}"
         )
+    if (busy := cannot_listen(args.host, args.port)) is not None:
+        return fail(busy)
     event("starting", host=args.host, port=args.port, cloud=settings.cloud_enabled)
     log_policies(settings)
     uvicorn.run(
@@ -60,6 +66,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ssl_keyfile=args.ssl_keyfile,
     )
     return 0
+
+
+def cannot_listen(host: str, port: int) -> str | None:
+    """Why the gateway could not listen on host:port (in use, no such address), found before anything
+    starts, so the admin gets one line instead of the server's shutdown after its start-up."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"cannot listen on {host}:{port}: {exc.strerror}"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    return None
 
 
 def log_policies(settings: Settings) -> None:
@@ -147,10 +172,22 @@ def cmd_gpu_check(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     import json
+    import math
 
     from appliance.catalog import load_catalog
-    from appliance.planner import MIB_PER_GIB, PlanPolicy, env_file, plan, smallest_card_for_all_local
+    from appliance.planner import (
+        MIB_PER_GIB,
+        PlanPolicy,
+        cpu_plan,
+        env_file,
+        plan,
+        smallest_card_for_all_local,
+    )
 
+    if args.gpu_memory is not None and not (math.isfinite(args.gpu_memory) and args.gpu_memory > 0):
+        return fail(f"--gpu-memory {args.gpu_memory:g}: give the card's memory in GiB, more than 0", 2)
+    if args.env_file and not Path(args.env_file).parent.is_dir():
+        return fail(f"--env-file {args.env_file}: no such folder {Path(args.env_file).parent}", 2)
     settings = settings_from(args)
     catalog = load_catalog()
     global_policy = args.cloud_fallback or settings.cloud_fallback or "on_failure"
@@ -159,22 +196,28 @@ def cmd_plan(args: argparse.Namespace) -> int:
         or settings.fallback_policy(r.name, "on_failure" if r.kind == "llm" else "never")
         for r in catalog.routes
     }
-    if args.gpu_memory is not None:
-        memory_mib, capability, source = round(args.gpu_memory * MIB_PER_GIB), None, "given"
+    found: tuple[int, str | None, str] | str
+    if args.cpu:
+        found = "--cpu"
+    elif args.gpu_memory is not None:
+        found = round(args.gpu_memory * MIB_PER_GIB), None, "given"
     else:
         found = detect_gpu()
-        if isinstance(found, str):
-            return fail(f"{found}; give the card's size with --gpu-memory GIB to plan without it", 2)
+    if isinstance(found, str):  # no usable GPU: the CPU plan, saying why
+        source = found
+        result = cpu_plan(catalog, PlanPolicy(cloud_fallback=policies), settings.cloud_enabled)
+    else:
         memory_mib, capability, source = found
-    policy = PlanPolicy(cloud_fallback=policies, compute_capability=capability)
-    result = plan(catalog, memory_mib, policy)
+        result = plan(catalog, memory_mib, PlanPolicy(cloud_fallback=policies, compute_capability=capability))
     if args.env_file:
-        with open(args.env_file, "w") as f:
-            f.write(env_file(result, global_policy))
+        try:
+            Path(args.env_file).write_text(env_file(result, global_policy))
+        except OSError as exc:
+            return fail(f"--env-file {args.env_file}: {exc.strerror or exc}", 2)
     smallest = (
         None
         if len(result.names("local")) == len(catalog.routes)
-        else smallest_card_for_all_local(catalog, policy)
+        else smallest_card_for_all_local(catalog, PlanPolicy(cloud_fallback=policies))
     )
     body = {**result.to_dict(), "memory_source": source, "cloud_fallback": policies}
     body["smallest_card_all_local_gib"] = smallest
@@ -202,13 +245,19 @@ def detect_gpu() -> tuple[int, str | None, str] | str:
 
 def print_plan(body: dict) -> None:
     mib = body["gpu_memory_mib"]
-    print(f"GPU memory: {mib} MiB ({mib / 1024:.1f} GiB, {body['memory_source']})")
+    if body["device"] == "cpu":
+        print(f"no GPU: planning for the CPU ({body['memory_source']})")
+    else:
+        print(f"GPU memory: {mib} MiB ({mib / 1024:.1f} GiB, {body['memory_source']})")
     for route in body["routes"]:
         print(f"  {route['placement']:<11} {route['name']}: {route['reason']}")
+    if body["stt"]:
+        print(f"speech-to-text: fetch its model once with `appliance models pull {body['stt']['model']}`")
     print("start order: " + ", then ".join(f"{s['kind']} ({s['model']})" for s in body["start_order"]))
     if body["vllm"]:
         print(f"vLLM {body['vllm']['model']}: " + " ".join(body["vllm"]["args"]))
-    print("memory budget:")
+    if body["budget"]:
+        print("memory budget:")
     for line in body["budget"]:
         print(f"  {line['mib']:>7} MiB  {line['item']}")
     if body["smallest_card_all_local_gib"]:
@@ -222,13 +271,15 @@ def cmd_models(args: argparse.Namespace) -> int:
     settings, catalog = settings_from(args), load_catalog()
     try:
         if args.models_command == "pull":
-            target = model_store.pull_target(args.name, settings, catalog)
-            print(f"{args.name}: downloading {target.repo} into {target.path}", flush=True)
-            stored = model_store.pull(args.name, settings, catalog)
+            name = args.name or model_store.configured_stt_model(settings, catalog)
+            target = model_store.pull_target(name, settings, catalog)
+            print(f"{name}: downloading {target.repo} into {target.path}", flush=True)
+            stored = model_store.pull(name, settings, catalog)
             print(f"{stored.name}: complete in {stored.path}")
             return 0
         if args.models_command == "verify":
-            return _verify_models(args.names or [settings.stt_model], settings, catalog)
+            names = args.names or [model_store.configured_stt_model(settings, catalog)]
+            return _verify_models(names, settings, catalog)
     except model_store.ModelStoreError as exc:
         return fail(str(exc))
     for name, model in sorted(model_store.downloadable_models(catalog).items()):  # list
@@ -259,26 +310,30 @@ def _verify_models(names: list[str], settings: Settings, catalog: object) -> int
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="appliance", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"appliance {__version__}")
     parser.add_argument("--config", help="YAML configuration file (default: $APPLIANCE_CONFIG)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.set_defaults(group=parser, group_dest="command")
 
     serve = sub.add_parser("serve", help="run the OpenAI-compatible gateway")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    serve.add_argument("--port", type=int, default=8080, help="TCP port, 1-65535 (default: %(default)s)")
     serve.add_argument("--config", default=argparse.SUPPRESS, help="YAML configuration file")
     serve.add_argument("--ssl-certfile", help="serve HTTPS with this PEM certificate (chain)")
     serve.add_argument("--ssl-keyfile", help="the PEM private key of --ssl-certfile")
     serve.set_defaults(handler=cmd_serve)
 
     keys = sub.add_parser("keys", help="manage client API keys (only their hashes are stored)")
-    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    keys_sub = keys.add_subparsers(dest="keys_command", metavar="COMMAND")
+    keys.set_defaults(group=keys, group_dest="keys_command")
     keys_sub.add_parser("list", help="list key ids")
     keys_sub.add_parser("add", help="create a key and print it once").add_argument("name")
     keys_sub.add_parser("remove", help="revoke a key").add_argument("name")
     keys.set_defaults(handler=cmd_keys)
 
     gpu = sub.add_parser("gpu", help="GPU health through NVML")
-    gpu_sub = gpu.add_subparsers(dest="gpu_command", required=True)
+    gpu_sub = gpu.add_subparsers(dest="gpu_command", metavar="COMMAND")
+    gpu.set_defaults(group=gpu, group_dest="gpu_command")
     check = gpu_sub.add_parser(
         "check", help="exit 0 healthy (warnings listed), 1 unhealthy, 2 no usable NVIDIA driver or GPU"
     )
@@ -290,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
         "plan", help="which models run on this GPU, which go to the cloud, vLLM's arguments"
     )
     plan.add_argument("--gpu-memory", type=float, metavar="GIB", help="plan for a card of this size")
+    plan.add_argument("--cpu", action="store_true", help="plan for this machine without its GPU")
     plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     plan.add_argument("--env-file", metavar="PATH", help="write what docker-compose.gpu.yml reads")
     plan.add_argument(
@@ -298,11 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(handler=cmd_plan)
 
     models = sub.add_parser("models", help="the model store: download and check local models")
-    models_sub = models.add_subparsers(dest="models_command", required=True)
+    models_sub = models.add_subparsers(dest="models_command", metavar="COMMAND")
+    models.set_defaults(group=models, group_dest="models_command")
     models_sub.add_parser("list", help="catalog models this store can download, and their state")
-    models_sub.add_parser("pull", help="download a catalog model once (resumable)").add_argument("name")
+    models_sub.add_parser("pull", help="download a catalog model once (resumable)").add_argument(
+        "name", nargs="?", help="catalog name (default: the model the gateway would serve, as planned)"
+    )
     models_sub.add_parser("verify", help="check that every file of a model is present").add_argument(
-        "names", nargs="*", help="catalog names or model directories (default: $APPLIANCE_STT_MODEL)"
+        "names", nargs="*", help="catalog names or model directories (default: the model the gateway serves)"
     )
     models.set_defaults(handler=cmd_models)
 
@@ -311,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, args.group_dest) is None:  # a command group without its verb: show the group's help
+        args.group.print_help(sys.stderr)
+        return 2
     handler: Handler = args.handler
     try:
         return handler(args)

@@ -85,7 +85,8 @@ class Settings(BaseSettings):
     # Local engines.
     llm_url: str = _env("APPLIANCE_LLM_URL", "http://127.0.0.1:8000/v1")
     tts_url: str = _env("APPLIANCE_TTS_URL", "http://127.0.0.1:9000")
-    stt_model: str = _env("APPLIANCE_STT_MODEL", "large-v3")
+    # "auto": large-v3 on a GPU, large-v3-turbo on a machine without one (the plan's choice).
+    stt_model: str = _env("APPLIANCE_STT_MODEL", "auto")
     data_dir: Path = _env("APPLIANCE_DATA_DIR", DEFAULT_DATA_DIR)
 
     # Speech-to-text (faster-whisper in-process). Audio never leaves the box.

@@ -19,7 +19,12 @@ DOWNLOAD_PATTERNS = [*REQUIRED_FILES, "vocabulary.*", "README.md"]
 
 
 class ModelStoreError(Exception):
-    """A model that cannot be used; the message says what to do about it."""
+    """A model that cannot be used; the message says what to do about it (and where, for the admin).
+    `public` says the same without server paths, for the apps' error messages."""
+
+    def __init__(self, message: str, public: str | None = None) -> None:
+        super().__init__(message)
+        self.public = public or message
 
 
 @dataclass(frozen=True)
@@ -73,15 +78,32 @@ def resolve(spec: str, settings: Settings, catalog: Catalog) -> StoredModel:
         return model
     if model.repo is None:
         what = "no such directory" if not model.path.is_dir() else "missing " + ", ".join(missing)
-        raise ModelStoreError(f"model directory {model.path}: {what}")
-    if not model.path.is_dir():
         raise ModelStoreError(
-            f"model '{model.name}' is not installed; run `{pull_command(model.name)}` (into {model.path})"
+            f"model directory {model.path}: {what}", f"the configured model directory: {what}"
         )
+    if not model.path.is_dir():
+        todo = f"model '{model.name}' is not installed; run `{pull_command(model.name)}`"
+        raise ModelStoreError(f"{todo} (into {model.path})", todo)
     raise ModelStoreError(
         f"model '{model.name}' is incomplete (missing {', '.join(missing)}); "
         f"run `{pull_command(model.name)}` again"
     )
+
+
+def cuda_available() -> bool:
+    import ctranslate2
+
+    return ctranslate2.get_cuda_device_count() > 0
+
+
+def configured_stt_model(settings: Settings, catalog: Catalog) -> str:
+    """The speech-to-text model to serve: APPLIANCE_STT_MODEL, or for `auto` the plan's choice: the
+    route's model on a GPU, the model the catalog sizes for a CPU on a machine without one."""
+    if settings.stt_model != "auto":
+        return settings.stt_model
+    route = catalog.routes_of_kind("stt")[0]
+    on_cpu = settings.stt_device == "cpu" or (settings.stt_device == "auto" and not cuda_available())
+    return route.cpu if on_cpu and route.cpu else route.local[0]
 
 
 def pull_target(name: str, settings: Settings, catalog: Catalog) -> StoredModel:

@@ -86,6 +86,7 @@ class VllmPlan:
 class Plan:
     gpu_memory_mib: int
     headroom_mib: int
+    device: str = "gpu"  # "cpu": the plan for a machine without a usable GPU
     routes: list[dict[str, Any]] = field(default_factory=list)  # name, kind, placement, target, reason
     services: list[Service] = field(default_factory=list)  # in start order
     vllm: VllmPlan | None = None
@@ -100,6 +101,7 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "device": self.device,
             "gpu_memory_mib": self.gpu_memory_mib,
             "local": self.names("local"),
             "cloud": self.names("cloud"),
@@ -202,6 +204,11 @@ def plan(catalog: Catalog, gpu_memory_mib: int, policy: PlanPolicy | None = None
     llm_model, llm_routes = choose_llm(catalog, vllm_room(free, gpu_memory_mib), policy, decided)
     llm_need = llm_min_need(llm_model, policy) if llm_model else 0
     free = upgrade_audio(catalog, audio, free, gpu_memory_mib, llm_need)
+    for service in audio:  # say what each speech engine was finally given, as the budget does
+        for name, (placement, target, _) in list(decided.items()):
+            if (placement, target) == ("local", service.model):
+                reason = f"{service.model} needs {service.mib} MiB{profile_detail(service.profile)}"
+                decided[name] = (placement, target, reason)
 
     services = sorted(audio, key=lambda s: START_ORDER[s.kind])
     if llm_model is not None:
@@ -212,16 +219,7 @@ def plan(catalog: Catalog, gpu_memory_mib: int, policy: PlanPolicy | None = None
     result.services = services
 
     for route in catalog.routes:
-        placement, target, reason = decided[route.name]
-        result.routes.append(
-            {
-                "name": route.name,
-                "kind": route.kind,
-                "placement": placement,
-                "target": target,
-                "reason": reason,
-            }
-        )
+        result.routes.append(route_entry(route, *decided[route.name]))
     result.budget = budget_lines(result, catalog)
     result.min_driver = max(
         (catalog.models[s.model].params.get("min_driver") for s in services),
@@ -229,6 +227,34 @@ def plan(catalog: Catalog, gpu_memory_mib: int, policy: PlanPolicy | None = None
         default=None,
     )
     return result
+
+
+CPU_COMPUTE_TYPE = "int8"  # CTranslate2's fastest type on a CPU
+
+
+def cpu_plan(catalog: Catalog, policy: PlanPolicy, cloud_key: bool) -> Plan:
+    """The plan for a machine without a usable GPU: speech-to-text on the CPU with the model the catalog
+    sizes for it, chat from the cloud where a key and the policy allow, the GPU-only engines unavailable."""
+    result = Plan(gpu_memory_mib=0, headroom_mib=0, device="cpu")
+    for route in catalog.routes:
+        model = catalog.models.get(route.cpu) if route.cpu else None
+        if model is not None:
+            profile = RunProfile(vram_mib=0, compute_type=CPU_COMPUTE_TYPE)
+            result.services.append(Service(route.kind, model.id, 0, profile))
+            placement, target = "local", model.id
+            reason = f"{model.id} on the CPU{profile_detail(profile)}"
+        elif route.kind == "llm" and policy.cloud_allowed(route) and not cloud_key:
+            placement, target = "unavailable", None
+            reason = "vLLM needs an NVIDIA GPU; set NVIDIA_NIM_API_KEY to serve it from NVIDIA's cloud"
+        else:
+            engine = "vLLM" if route.kind == "llm" else (route.local or ("its engine",))[0]
+            placement, target, reason = not_local(route, policy, f"{engine} needs an NVIDIA GPU")
+        result.routes.append(route_entry(route, placement, target, reason))
+    return result
+
+
+def route_entry(route: Route, placement: str, target: str | None, reason: str) -> dict[str, Any]:
+    return dict(name=route.name, kind=route.kind, placement=placement, target=target, reason=reason)
 
 
 def not_local(route: Route, policy: PlanPolicy, why: str) -> tuple[str, str | None, str]:
@@ -343,6 +369,14 @@ def size_vllm(model: CatalogModel, free: int, total: int, policy: PlanPolicy) ->
     return VllmPlan(model.id, utilization, max_model_len, max_num_seqs, args, weights, overhead, kv)
 
 
+def profile_detail(p: RunProfile | None) -> str:
+    """' (compute float16, batch 8)': how a speech engine runs, as the reasons and the budget say it."""
+    detail = ", ".join(
+        f"{k} {val}" for k, val in (("compute", p and p.compute_type), ("batch", p and p.batch_size)) if val
+    )
+    return f" ({detail})" if detail else ""
+
+
 def budget_lines(result: Plan, catalog: Catalog) -> list[tuple[str, int]]:
     """Where the card's memory goes, line by line; the lines add up to the card."""
     lines = []
@@ -358,13 +392,7 @@ def budget_lines(result: Plan, catalog: Catalog) -> list[tuple[str, int]]:
                 ),
             ]
         else:
-            p = s.profile
-            detail = ", ".join(
-                f"{k} {val}"
-                for k, val in (("compute", p and p.compute_type), ("batch", p and p.batch_size))
-                if val
-            )
-            lines.append((f"{s.kind}: {s.model}" + (f" ({detail})" if detail else ""), s.mib))
+            lines.append((f"{s.kind}: {s.model}{profile_detail(s.profile)}", s.mib))
     lines.append(("kept free (headroom)", result.gpu_memory_mib - sum(mib for _, mib in lines)))
     return lines
 
@@ -399,9 +427,8 @@ def env_file(result: Plan, cloud_fallback: str) -> str:
         "TTS_ENABLED": "true" if result.service("tts") else "false",
         "APPLIANCE_CLOUD_FALLBACK": cloud_fallback,
     }
-    header = (
-        f"# Written by `appliance plan` for a {result.gpu_memory_mib} MiB GPU; rerun it after a GPU change.\n"
-    )
+    card = "no GPU" if result.device == "cpu" else f"a {result.gpu_memory_mib} MiB GPU"
+    header = f"# Written by `appliance plan` for {card}; rerun it after a GPU change.\n"
     return header + "".join(f"{key}={quote(value)}\n" for key, value in values.items())
 
 

@@ -26,7 +26,7 @@ from appliance.catalog import Catalog
 from appliance.config import Settings
 from appliance.errors import APIError, unavailable
 from appliance.log import elapsed_ms, event
-from appliance.model_store import ModelStoreError, resolve
+from appliance.model_store import ModelStoreError, configured_stt_model, resolve
 
 # CTranslate2's OpenMP threads spin between calls by default; in a server process that shares its cores
 # with the event loop, the spinning takes them away (it doubled request latency on a 2-core box). The
@@ -121,7 +121,9 @@ class SpeechEngine:
         # compute features meanwhile, so the model never waits on them.
         self.pool = ThreadPoolExecutor(max_workers=2 * settings.stt_workers, thread_name_prefix="stt")
         self.state = "loading"  # loading | ready | missing | failed
-        self.problem: str | None = None
+        self.problem: str | None = None  # for the admin
+        self.public_problem: str | None = None  # for the apps: no server paths
+        self.model_name = settings.stt_model  # the model actually chosen, once loading starts
         self.model: Any = None  # faster_whisper.WhisperModel once ready
         self.device: str | None = None
         self.compute_type: str | None = None
@@ -137,14 +139,16 @@ class SpeechEngine:
     def load(self) -> None:
         started = time.perf_counter()
         try:
-            stored = resolve(self.settings.stt_model, self.settings, self.catalog)
+            self.model_name = configured_stt_model(self.settings, self.catalog)
+            stored = resolve(self.model_name, self.settings, self.catalog)
         except ModelStoreError as exc:
-            self._fail("missing", f"speech-to-text is unavailable: {exc}")
+            self._fail("missing", f"speech-to-text is unavailable: {exc}", exc.public)
             return
         try:
             self.model = self._open(str(stored.path))
         except Exception as exc:  # a broken model or runtime must not take the gateway down
-            self._fail("failed", f"speech-to-text model failed to load: {type(exc).__name__}: {exc}")
+            message = "speech-to-text model failed to load"
+            self._fail("failed", f"{message}: {type(exc).__name__}: {exc}", f"{message}; see /readyz")
             return
         self.state = "ready"
         event(
@@ -181,8 +185,10 @@ class SpeechEngine:
         self.device, self.compute_type = device, compute_type
         return model
 
-    def _fail(self, state: str, message: str) -> None:
+    def _fail(self, state: str, message: str, public: str) -> None:
+        # The admin's message (log, /readyz) may name server paths; the apps get `public`, which does not.
         self.state, self.problem = state, message
+        self.public_problem = f"Speech-to-text is unavailable: {public}"
         event("stt_unavailable", level=logging.ERROR, state=state, reason=message)
 
     # Status.
@@ -192,7 +198,7 @@ class SpeechEngine:
         return self.state == "ready"
 
     def status(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"ready": self.ready, "state": self.state, "model": self.settings.stt_model}
+        body: dict[str, Any] = {"ready": self.ready, "state": self.state, "model": self.model_name}
         if self.ready:
             body.update(device=self.device, compute_type=self.compute_type)
         if self.problem:
@@ -205,7 +211,7 @@ class SpeechEngine:
             error.headers["retry-after"] = "5"
             raise error
         if not self.ready:  # retrying will not install or repair the model
-            message = self.problem or "Speech-to-text is unavailable."
+            message = self.public_problem or "Speech-to-text is unavailable."
             raise unavailable(message, code="model_unavailable", retry=False)
 
     # Work.

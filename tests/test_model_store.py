@@ -11,13 +11,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.harness import BackgroundLoop, clean_env, run_appliance
+from tests.harness import CLIENT_KEY, BackgroundLoop, clean_env, run_appliance
 from tests.sims.hf_hub import HubSimulator
 from tests.stt_audio import make_audio
 from tests.stt_gateway import start_stt_gateway
 from tests.whisper_model import build_tiny_whisper
 
 REPO_ID = "Systran/faster-whisper-large-v3"  # large-v3's source in models/catalog.toml
+TURBO_REPO_ID = "mobiuslabsgmbh/faster-whisper-large-v3-turbo"  # large-v3-turbo's (the CPU plan's model)
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def hub(bg_loop: BackgroundLoop, tmp_path_factory: pytest.TempPathFactory) -> It
     model = build_tiny_whisper(tmp_path_factory.mktemp("hub-model"))
     files = {f.name: f.read_bytes() for f in model.iterdir()}
     files |= {"README.md": b"# tiny\n", ".gitattributes": b"*.bin filter=lfs\n", "extra/big.onnx": b"x" * 64}
-    simulator = HubSimulator({REPO_ID: files})
+    simulator = HubSimulator({REPO_ID: files, TURBO_REPO_ID: files})
     bg_loop.run(simulator.start())
     yield simulator
     bg_loop.run(simulator.stop())
@@ -43,7 +44,7 @@ def appliance(*args: str, data_dir: Path, hub_url: str = "http://127.0.0.1:9") -
 
 def test_pull_verify_list_then_serve_from_disk(hub, tmp_path):
     data = tmp_path / "data"
-    missing = appliance("models", "verify", data_dir=data)
+    missing = appliance("models", "verify", "large-v3", data_dir=data)
     assert missing.returncode == 1
     assert "appliance models pull large-v3" in missing.stderr and "Traceback" not in missing.stderr
 
@@ -67,7 +68,13 @@ def test_pull_verify_list_then_serve_from_disk(hub, tmp_path):
     assert sum(hub.downloads.values()) == before
 
     # The gateway loads it by catalog name from the data directory, with the Hub out of reach.
-    gw = start_stt_gateway(tmp_path, "pulled", APPLIANCE_DATA_DIR=str(data), HF_ENDPOINT="http://127.0.0.1:9")
+    gw = start_stt_gateway(
+        tmp_path,
+        "pulled",
+        APPLIANCE_DATA_DIR=str(data),
+        APPLIANCE_STT_MODEL="large-v3",
+        HF_ENDPOINT="http://127.0.0.1:9",
+    )
     try:
         text = gw.client().audio.transcriptions.create(model="whisper-1", file=make_audio("wav", 3.0)).text
         assert text
@@ -114,3 +121,44 @@ def test_unknown_models_and_unreachable_hub(tmp_path):
     assert offline.returncode == 1
     assert "download of mobiuslabsgmbh/faster-whisper-large-v3-turbo failed" in offline.stderr
     assert "Traceback" not in offline.stderr
+
+
+def test_quick_start_without_a_gpu_serves_speech_to_text_once_the_planned_model_is_pulled(hub, tmp_path):
+    # README's quick start on a machine without a GPU (APPLIANCE_STT_DEVICE=cpu says so on any machine):
+    # `appliance serve` picks the CPU plan's model, names the exact command that fetches it, and serves
+    # speech-to-text once `appliance models pull` has run.
+    data = tmp_path / "data"
+    cpu = {
+        "APPLIANCE_DATA_DIR": str(data),
+        "APPLIANCE_STT_DEVICE": "cpu",
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+    }
+    gw = start_stt_gateway(tmp_path, "before-pull", **cpu)
+    try:
+        with httpx.Client(base_url=gw.base_url, headers={"Authorization": f"Bearer {CLIENT_KEY}"}) as http:
+            r = http.post("/audio/transcriptions", files={"file": make_audio("wav", 1.0)},
+                          data={"model": "whisper-1"})  # fmt: skip
+        assert r.status_code == 503
+        assert r.json()["error"]["message"] == (
+            "Speech-to-text is unavailable: model 'large-v3-turbo' is not installed; "
+            "run `appliance models pull large-v3-turbo`"
+        )
+        assert str(tmp_path) not in r.text  # no server paths to the apps
+    finally:
+        gw.stop()
+
+    env = clean_env(APPLIANCE_DATA_DIR=str(data), APPLIANCE_STT_DEVICE="cpu", HF_ENDPOINT=hub.url)
+    env["HF_HOME"] = str(data / "hf-home")
+    pulled = run_appliance("models", "pull", env=env, timeout=120)
+    assert pulled.returncode == 0, pulled.stderr
+    assert (
+        pulled.stdout.splitlines()[-1] == f"large-v3-turbo: complete in {data / 'models' / 'large-v3-turbo'}"
+    )
+
+    gw = start_stt_gateway(tmp_path, "after-pull", **cpu)
+    try:
+        assert gw.client().audio.transcriptions.create(model="whisper-1", file=make_audio("wav", 2.0)).text
+        stt = httpx.get(gw.url + "/readyz").json()["checks"]["stt"]
+        assert (stt["model"], stt["device"], stt["compute_type"]) == ("large-v3-turbo", "cpu", "int8")
+    finally:
+        gw.stop()

@@ -318,11 +318,78 @@ def test_plan_text_shows_the_budget_line_by_line():
     assert "everything runs locally from a 50 GiB card up" in proc.stdout
 
 
-def test_plan_without_a_gpu_or_a_size_is_one_line_exit_2():
-    proc = run_plan()
+def test_without_a_gpu_the_plan_is_for_the_cpu_and_says_why(tmp_path):
+    env_path = tmp_path / "plan.env"
+    fake = {"init_error": "LibraryNotFound"}
+    proc = run_plan("--env-file", str(env_path), fake=fake, tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("no GPU: planning for the CPU (no usable NVIDIA GPU: ")
+    no_key = "vLLM needs an NVIDIA GPU; set NVIDIA_NIM_API_KEY to serve it from NVIDIA's cloud"
+    assert lines[1:6] == [
+        f"  unavailable {TIER1}: {no_key}",
+        f"  unavailable {TIER2}: {no_key}",
+        "  local       whisper-large-v3: large-v3-turbo on the CPU (compute int8)",
+        "  unavailable nvidia/magpietts: magpie-tts-multilingual needs an NVIDIA GPU; "
+        "it has no cloud stand-in (its data stays on the premises)",
+        "speech-to-text: fetch its model once with `appliance models pull large-v3-turbo`",
+    ]
+    env = env_path.read_text()
+    assert "STT_MODEL=large-v3-turbo\n" in env and "STT_COMPUTE_TYPE=int8\n" in env
+    assert "COMPOSE_PROFILES=\n" in env and "TTS_ENABLED=false\n" in env
+
+
+@pytest.mark.parametrize(
+    ("settings", "cloud"), [({"NVIDIA_NIM_API_KEY": "nvapi-x"}, [TIER1, TIER2]), ({}, [])]
+)
+def test_the_cpu_plan_sends_chat_to_the_cloud_only_with_a_key(settings, cloud):
+    body = json.loads(run_plan("--cpu", "--json", **settings).stdout)
+    assert body["device"] == "cpu" and body["memory_source"] == "--cpu"
+    assert body["local"] == ["whisper-large-v3"] and body["cloud"] == cloud
+    assert body["stt"] == {"model": "large-v3-turbo", "compute_type": "int8", "batch_size": None}
+    never = json.loads(
+        run_plan("--cpu", "--json", "--cloud-fallback", "never", NVIDIA_NIM_API_KEY="nvapi-x").stdout
+    )
+    assert never["cloud"] == [] and never["unavailable"] == [TIER1, TIER2, "nvidia/magpietts"]
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (("--gpu-memory", "0"), "appliance: --gpu-memory 0: give the card's memory in GiB, more than 0"),
+        (("--gpu-memory", "-8"), "appliance: --gpu-memory -8: give the card's memory in GiB, more than 0"),
+        (("--gpu-memory", "nan"), "appliance: --gpu-memory nan: give the card's memory in GiB, more than 0"),
+        (
+            ("--gpu-memory", "24", "--env-file", "/no/such/folder/plan.env"),
+            "appliance: --env-file /no/such/folder/plan.env: no such folder /no/such/folder",
+        ),
+    ],
+)
+def test_impossible_plan_arguments_are_one_line(args, line):
+    proc = run_plan(*args)
     assert proc.returncode == 2
-    assert len(proc.stderr.strip().splitlines()) == 1
-    assert "--gpu-memory GIB" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == line and proc.stdout == ""
+
+
+@pytest.mark.parametrize("gib", [24, 40, 48, 50, 80])
+def test_the_speech_lines_show_what_the_budget_gives(gib):
+    body = plan(load_catalog(), gib * 1024).to_dict()
+    for route in body["routes"]:
+        if route["kind"] in ("stt", "tts") and route["placement"] == "local":
+            line = next(b for b in body["budget"] if b["item"].startswith(f"{route['kind']}: "))
+            profile = line["item"].removeprefix(f"{route['kind']}: {route['target']}")
+            assert route["reason"] == f"{route['target']} needs {line['mib']} MiB{profile}"
+
+
+def test_serving_both_chat_tiers_locally_wins_over_a_bigger_whisper_batch():
+    # On 50 GiB the 30B fits only beside Whisper's smallest profile: both tiers stay local.
+    p = plan(load_catalog(), 50 * 1024)
+    assert p.names("local") == [TIER1, TIER2, "whisper-large-v3", "nvidia/magpietts"]
+    assert reason(p, "whisper-large-v3") == "large-v3 needs 2926 MiB (compute int8_float16, batch 1)"
+    # On 80 GiB there is room for both: Whisper gets its best profile.
+    p = plan(load_catalog(), 80 * 1024)
+    assert p.names("local") == [TIER1, TIER2, "whisper-large-v3", "nvidia/magpietts"]
+    assert reason(p, "whisper-large-v3") == "large-v3 needs 6090 MiB (compute float16, batch 8)"
 
 
 def test_plan_reads_the_gpu_it_finds(tmp_path):

@@ -398,7 +398,10 @@ def test_missing_model_is_503_naming_the_pull_command(tmp_path, wav):
         with pytest.raises(openai.InternalServerError) as exc:
             client.audio.transcriptions.create(model="whisper-1", file=wav)
         error = assert_error(exc.value, 503, "model_unavailable", None)
-        assert "appliance models pull large-v3" in error["message"]
+        assert error["message"] == (
+            "Speech-to-text is unavailable: model 'large-v3' is not installed; "
+            "run `appliance models pull large-v3`"
+        )  # the command, never the server's paths
         assert exc.value.response.headers["x-should-retry"] == "false"  # no use retrying
         assert "whisper-1" not in {m.id for m in client.models.list()}
         assert httpx.get(gw.url + "/healthz").status_code == 200
@@ -419,7 +422,8 @@ def test_broken_model_is_503_and_the_gateway_keeps_serving(tmp_path, whisper_dir
     try:
         with pytest.raises(openai.InternalServerError) as exc:
             gw.client().audio.transcriptions.create(model="whisper-1", file=wav)
-        assert "failed to load" in assert_error(exc.value, 503, "model_unavailable", None)["message"]
+        message = assert_error(exc.value, 503, "model_unavailable", None)["message"]
+        assert message == "Speech-to-text is unavailable: speech-to-text model failed to load; see /readyz"
         assert httpx.get(gw.url + "/healthz").status_code == 200
         assert "Traceback" not in gw.logs()
     finally:
