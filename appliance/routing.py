@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
@@ -67,6 +68,9 @@ class LLMRouter:
         self.settings = settings
         self.catalog = catalog
         self.served: set[str] | None = None  # None until the local engine has answered /v1/models
+        # Why APPLIANCE_LLM_URL answers but not as an OpenAI API (a URL without /v1, another service's
+        # port); while set, the local target is skipped, as a failing engine would be.
+        self.misconfigured: str | None = None
         self.waiting: float | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -111,7 +115,11 @@ class LLMRouter:
         """Every target the policy allows for a route, in order, breakers not considered."""
         policy = self.policy(route)
         local_id = self.local_model(route)
-        local = [Attempt(self.local, local_id, route.local_defaults)] if local_id else []
+        local = (
+            [Attempt(self.local, local_id, route.local_defaults)]
+            if local_id and not self.misconfigured
+            else []
+        )
         if self.cloud is None or route.cloud is None or policy == "never":
             return local
         cloud = [Attempt(self.cloud, route.cloud)]
@@ -155,15 +163,30 @@ class LLMRouter:
     async def _refresh_served(self) -> None:
         try:
             status, raw = await self.local.pool.get("models", PROBE_SECONDS)
-            if status != 200:
-                return
-            data = orjson.loads(raw)
-            served = {m["id"] for m in data.get("data", []) if isinstance(m, dict) and "id" in m}
-        except (UpstreamError, TimeoutError, ValueError, AttributeError, TypeError):
+        except (UpstreamError, TimeoutError):
+            return  # not answering: the breaker and its probes deal with that
+        if status >= 500:
+            return  # failing, not misaddressed: likewise
+        served = model_ids(raw) if status == 200 else None
+        self._note_misconfigured(None if served is not None else self._url_problem(status))
+        if served is None:
             return
         if served != self.served:
             event("local models", served=sorted(served))
         self.served = served
+
+    def _url_problem(self, status: int) -> str:
+        url = self.local.pool.base_url
+        answer = f"returned {status}" if status != 200 else "did not return an OpenAI model list"
+        if not url.endswith("/v1"):
+            return f"APPLIANCE_LLM_URL should end in /v1: GET {url}/models {answer}"
+        return f"APPLIANCE_LLM_URL is not an OpenAI-compatible engine: GET {url}/models {answer}"
+
+    def _note_misconfigured(self, problem: str | None) -> None:
+        if problem != self.misconfigured:  # logged once per change, not once per poll
+            if problem:
+                event("local engine misconfigured", logging.WARNING, reason=problem)
+            self.misconfigured = problem
 
     async def _refresh_load(self) -> None:
         try:
@@ -194,12 +217,25 @@ class LLMRouter:
                 "served_models": sorted(self.served or ()),
                 "requests_waiting": self.waiting,
                 **self.local.breaker.status(),
+                **({"ready": False, "error": self.misconfigured} if self.misconfigured else {}),
             },
         }
         if self.cloud is not None:
             targets["cloud"] = {"url": self.cloud.pool.base_url, **self.cloud.breaker.status()}
         ready = any(self.available(r) for r in self.catalog.routes_of_kind("llm"))
         return {"ready": ready, "overloaded": self.overloaded, "targets": targets}
+
+
+def model_ids(raw: bytes) -> set[str] | None:
+    """The ids in an OpenAI model list (`{"data": [{"id": ...}]}`), or None if it is not one."""
+    try:
+        data = orjson.loads(raw)
+    except ValueError:
+        return None
+    models = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(models, list) or not all(isinstance(m, dict) and "id" in m for m in models):
+        return None
+    return {m["id"] for m in models}
 
 
 def waiting_requests(metrics_text: str) -> float | None:

@@ -70,8 +70,8 @@ class EngineHealth:
 
     async def refresh(self) -> None:
         ready, detail = await self.nim.health()
-        if ready != self.ready:
-            event("tts_engine", ready=ready, detail=detail)
+        if ready != self.ready or (detail.startswith("not a NIM") and detail != self.detail):
+            event("tts_engine", ready=ready, detail=detail)  # a misaddressed NIM is said once, at once
         self.ready, self.detail = ready, detail
 
     async def watch(self, interval: float) -> None:

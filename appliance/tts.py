@@ -217,6 +217,11 @@ class MagpieClient:
             async with self.http.get(self.url + "/v1/health/ready", timeout=self._health_timeout) as resp:
                 if resp.status == 200:
                     return True, "ready"
+                if resp.status == 404:  # answers, but has no NIM readiness route: another service
+                    return False, (
+                        f"not a NIM: GET {self.url}/v1/health/ready returned 404; APPLIANCE_TTS_URL "
+                        "should be the MagpieTTS NIM's base URL, without /v1"
+                    )
                 return False, f"not ready (HTTP {resp.status}{_detail(await _error_message(resp))})"
         except (aiohttp.ClientError, TimeoutError) as exc:
             return False, f"unreachable at {self.url} ({type(exc).__name__})"
