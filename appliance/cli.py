@@ -141,16 +141,23 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from appliance.doctor import Listening, exit_code, report, run_checks
+
+    findings = run_checks(lambda: settings_from(args), Listening(args.host, args.ssl_certfile))
+    print(report(findings, args.json))
+    return exit_code(findings)
+
+
 def cmd_gpu_check(args: argparse.Namespace) -> int:
     import json
 
-    from appliance.catalog import load_catalog, model_min_driver
+    from appliance.catalog import load_catalog
     from appliance.gpu import Thresholds, health_report
-    from appliance.gpu.health import version_tuple
+    from appliance.planner import engines_min_driver
 
     required = round(args.require_memory * 1024) if args.require_memory else None
-    drivers = [d for m in load_catalog().models.values() if (d := model_min_driver(m))]
-    thresholds = Thresholds(min_driver=max(drivers, key=version_tuple, default=None))
+    thresholds = Thresholds(min_driver=engines_min_driver(load_catalog()))
     code, verdict = health_report(required_memory_mib=required, thresholds=thresholds)
     if args.json:
         print(json.dumps(verdict, indent=2))
@@ -322,6 +329,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ssl-certfile", help="serve HTTPS with this PEM certificate (chain)")
     serve.add_argument("--ssl-keyfile", help="the PEM private key of --ssl-certfile")
     serve.set_defaults(handler=cmd_serve)
+
+    doctor = sub.add_parser(
+        "doctor", help="check everything the gateway needs, one line each: exit 0 ok, 1 warnings, 2 failures"
+    )
+    doctor.add_argument("--json", action="store_true", help="print the checks as one JSON object")
+    doctor.add_argument(
+        "--host", default="127.0.0.1", help="the address serve listens on (default: %(default)s)"
+    )
+    doctor.add_argument("--ssl-certfile", help="the certificate serve is given, to check its expiry")
+    doctor.set_defaults(handler=cmd_doctor)
 
     keys = sub.add_parser("keys", help="manage client API keys (only their hashes are stored)")
     keys_sub = keys.add_subparsers(dest="keys_command", metavar="COMMAND")

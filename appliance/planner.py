@@ -23,7 +23,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from appliance.catalog import Catalog, CatalogModel, Route, RunProfile, model_engine_args, model_profiles
+from appliance.catalog import (
+    Catalog,
+    CatalogModel,
+    Route,
+    RunProfile,
+    model_engine_args,
+    model_min_driver,
+    model_profiles,
+)
 
 MIB_PER_GIB = 1024
 SHARE_STEPS = 10_000  # --gpu-memory-utilization is given to 4 decimals
@@ -131,6 +139,12 @@ def stt_settings(service: Service) -> dict[str, Any]:
 
 def version_key(version: str | None) -> tuple[int, ...]:
     return tuple(int("".join(c for c in part if c.isdigit()) or 0) for part in (version or "0").split("."))
+
+
+def engines_min_driver(catalog: Catalog) -> str | None:
+    """The newest NVIDIA driver any catalog engine needs."""
+    drivers = [d for m in catalog.models.values() if (d := model_min_driver(m))]
+    return max(drivers, key=version_key, default=None)
 
 
 def compatible(model: CatalogModel, policy: PlanPolicy) -> str | None:
