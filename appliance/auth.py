@@ -17,8 +17,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from appliance.log import event
-
 KEY_PREFIX = "sk-appliance-"
 
 
@@ -122,6 +120,8 @@ class KeyStore:
         self._mtime = mtime
         parsed = parse_keys_file(self._file)
         self.problems = parsed.problems
+        from appliance.log import event  # here: `appliance keys` must run in the core install, without orjson
+
         for problem in parsed.problems:
             kept = "its valid keys" if starting else "the keys it held before"
             event("keys file problem", logging.WARNING, problem=problem, using=kept)

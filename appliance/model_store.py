@@ -91,8 +91,10 @@ def resolve(spec: str, settings: Settings, catalog: Catalog) -> StoredModel:
 
 
 def cuda_available() -> bool:
-    import ctranslate2
-
+    try:
+        import ctranslate2
+    except ImportError:  # the core install (admin commands only): no engine to run anyway
+        return False
     return ctranslate2.get_cuda_device_count() > 0
 
 
