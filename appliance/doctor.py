@@ -118,8 +118,10 @@ def keys_finding(settings: Settings) -> Finding:
     path = settings.resolved_keys_file
     stored = parse_keys_file(path)
     count = len(stored.keys) + len(settings.client_keys)
-    if stored.problems:
-        return Finding("keys", "fail", stored.problems[0], f"correct or delete that line in {path}")
+    if stored.problems:  # the gateway skips the line; serious only when no key is left
+        status: Status = "warn" if count else "fail"
+        detail = f"{stored.problems[0]} ({count} valid keys in use)"
+        return Finding("keys", status, detail, f"correct or delete that line in {path}")
     if count == 0:
         return Finding("keys", "fail", f"no client keys ({path})", "appliance keys add NAME")
     return Finding(

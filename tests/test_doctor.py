@@ -151,3 +151,16 @@ def test_json_and_a_configuration_error(doctor):
             "APPLIANCE_CLOUD_FALLBACK?; fix: correct the setting it names",
         }
     }
+
+
+def test_a_damaged_keys_file_warns_while_valid_keys_remain(doctor, tmp_path):
+    keys = tmp_path / "data" / "keys"
+    with keys.open("a") as f:
+        f.write("maths app sha256:" + "ab" * 32 + "\n")
+    code, checks, _ = doctor()
+    assert code == 1
+    assert checks["keys"] == {
+        "status": "warn",
+        "detail": f"{keys}:3: expected '<key name> sha256:<64 hex digits>' (1 valid keys in use); "
+        f"fix: correct or delete that line in {keys}",
+    }
