@@ -44,6 +44,7 @@ class CatalogModel:
 class Catalog:
     routes: tuple[Route, ...]
     models: dict[str, CatalogModel]
+    gateway: dict[str, Any] = field(default_factory=dict)  # the gateway's own image and driver floor
     by_name: dict[str, Route] = field(init=False)  # public names and aliases
 
     def __post_init__(self) -> None:
@@ -77,7 +78,7 @@ def parse_catalog(data: dict[str, Any]) -> Catalog:
     for m in data.get("model", []):
         params = {k: v for k, v in m.items() if k not in ("id", "kind", "engine")}
         models[m["id"]] = CatalogModel(id=m["id"], kind=m["kind"], engine=m["engine"], params=params)
-    return Catalog(routes=routes, models=models)
+    return Catalog(routes=routes, models=models, gateway=data.get("gateway", {}))
 
 
 def load_catalog(path: Path | None = None) -> Catalog:
@@ -111,3 +112,8 @@ def model_engine_args(model: CatalogModel) -> tuple[str, ...]:
 
 def model_min_driver(model: CatalogModel) -> str | None:
     return model.params.get("min_driver")
+
+
+def gateway_min_driver(catalog: Catalog) -> str | None:
+    """The driver the gateway's own image needs: a floor for every plan, LLM or not."""
+    return catalog.gateway.get("min_driver")

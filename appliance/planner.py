@@ -28,6 +28,7 @@ from appliance.catalog import (
     CatalogModel,
     Route,
     RunProfile,
+    gateway_min_driver,
     model_engine_args,
     model_min_driver,
     model_profiles,
@@ -142,8 +143,9 @@ def version_key(version: str | None) -> tuple[int, ...]:
 
 
 def engines_min_driver(catalog: Catalog) -> str | None:
-    """The newest NVIDIA driver any catalog engine needs."""
+    """The newest NVIDIA driver any catalog engine, or the gateway's own image, needs."""
     drivers = [d for m in catalog.models.values() if (d := model_min_driver(m))]
+    drivers += filter(None, [gateway_min_driver(catalog)])
     return max(drivers, key=version_key, default=None)
 
 
@@ -235,10 +237,9 @@ def plan(catalog: Catalog, gpu_memory_mib: int, policy: PlanPolicy | None = None
     for route in catalog.routes:
         result.routes.append(route_entry(route, *decided[route.name]))
     result.budget = budget_lines(result, catalog)
+    drivers = [catalog.models[s.model].params.get("min_driver") for s in services]
     result.min_driver = max(
-        (catalog.models[s.model].params.get("min_driver") for s in services),
-        key=version_key,
-        default=None,
+        (d for d in (*drivers, gateway_min_driver(catalog)) if d), key=version_key, default=None
     )
     return result
 

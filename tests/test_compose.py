@@ -144,10 +144,9 @@ def test_vllm_command_carries_the_planners_arguments(tmp_path):
     assert option["--max-model-len"] == plan_env["LLM_MAX_MODEL_LEN"]
     assert option["--served-model-name"] == plan_env["LLM_SERVED_NAME"]
     assert option["--port"] == "8000"
-    # The reasoning parser plugin is a relative file: it must sit in vLLM's working directory.
-    plugin = option["--reasoning-parser-plugin"]
+    # The reasoning parser is the image's own; a plugin named later would be a file in the working directory.
+    assert option["--reasoning-parser"] == "nemotron_v3" and "--reasoning-parser-plugin" not in option
     vllm = resolved(plan_env)["services"]["vllm"]
-    assert "/" not in plugin
     assert any(v.endswith(f":{vllm['working_dir']}:ro") for v in vllm["volumes"])
 
 
@@ -257,6 +256,8 @@ def test_dockerfile_builds_a_non_root_cuda_image_with_a_health_check():
     text = (REPO / "Dockerfile").read_text()
     base = re.search(r"^FROM (\S+)", text, re.M).group(1)
     assert re.fullmatch(r"nvidia/cuda:12\.\d+\.\d+-cudnn-runtime-ubuntu24\.04", base), base
+    # The planner's driver floor for the gateway is the catalog's: it must name this very image.
+    assert load_catalog().gateway["image"] == base
     assert re.search(r"^USER (?!root)\w+", text, re.M)
     assert re.search(r"^HEALTHCHECK .*\n.*readyz", text, re.M)
     assert "pip install /tmp/dist/appliance-*.whl" in text

@@ -234,7 +234,9 @@ def test_24_gb_runs_tier_1_on_nano_4b_fp8_and_sends_tier_2_to_the_cloud():
     assert [s.kind for s in p.services] == ["tts", "stt", "llm"]
     args = p.vllm.command_args()
     assert args[0] == "--gpu-memory-utilization" and 0.25 < float(args[1]) < 0.3
-    assert {"--trust-remote-code", "fp8", "nano_v3"} <= set(args)
+    # Nemotron 3's reasoning parser is built into the catalog's vLLM image: no plugin file to mount.
+    assert {"--trust-remote-code", "fp8", "nemotron_v3"} <= set(args)
+    assert not any("plugin" in arg for arg in args)
     assert p.vllm.max_num_seqs >= 4 and p.vllm.max_model_len >= 8192
 
 
@@ -265,6 +267,23 @@ def test_an_ampere_card_falls_back_to_the_bf16_mini_model():
     assert p.vllm.model == MINI_4B
     assert p.vllm.max_model_len == 4096
     assert "needs compute capability 8.9" in reason(p, TIER2)
+
+
+def test_nano_4b_mamba_state_follows_its_config():
+    # config.json: 21 Mamba-2 layers, mamba_num_heads 96, mamba_head_dim 80, ssm_state_size 128, with a
+    # float32 SSM cache (--mamba-ssm-cache-dtype float32).
+    ssm_mib = 21 * 96 * 80 * 128 * 4 / 2**20
+    assert REAL.models[NANO_4B].params["state_mib_per_seq"] >= ssm_mib
+    assert "float32" in REAL.models[NANO_4B].params["engine_args"]
+
+
+def test_every_vllm_model_uses_one_cuda_12_image_with_the_nemotron_3_parser():
+    vllm_models = [m for m in REAL.models.values() if m.engine == "vllm"]
+    assert len({m.params["image"] for m in vllm_models}) == 1
+    tag = vllm_models[0].params["image"].rpartition(":")[2]
+    version = tuple(int(n) for n in tag.removeprefix("v").split("-")[0].split("."))
+    assert version >= (0, 18, 0) and tag.endswith("-cu129")  # cu129: the 575.51.03 driver floor holds
+    assert all(m.params["min_driver"] == "575.51.03" for m in vllm_models)
 
 
 @pytest.mark.parametrize("gib", [16, 24, 32, 48, 80, 141])
@@ -390,6 +409,23 @@ def test_serving_both_chat_tiers_locally_wins_over_a_bigger_whisper_batch():
     p = plan(load_catalog(), 80 * 1024)
     assert p.names("local") == [TIER1, TIER2, "whisper-large-v3", "nvidia/magpietts"]
     assert reason(p, "whisper-large-v3") == "large-v3 needs 6090 MiB (compute float16, batch 8)"
+
+
+@pytest.mark.parametrize(
+    ("name", "capability"), [("Tesla V100-SXM2-32GB", [7, 0]), ("Quadro RTX 8000", [7, 5])]
+)
+def test_volta_or_turing_gets_no_tts_nim_and_still_the_gateways_driver_floor(tmp_path, name, capability):
+    card = {"name": name, "compute_capability": capability, "memory_total_mib": 32768}
+    env_file = tmp_path / "plan.env"
+    proc = run_plan("--json", "--env-file", str(env_file), fake={"devices": [card]}, tmp_path=tmp_path)
+    body = json.loads(proc.stdout)
+    tts = next(r for r in body["routes"] if r["name"] == "nvidia/magpietts")
+    assert tts["placement"] == "unavailable"
+    assert "needs compute capability 8.0" in tts["reason"]
+    assert "COMPOSE_PROFILES=\n" in (tmp_path / "plan.env").read_text()  # neither the NIM nor vLLM
+    # No LLM runs locally (FP8 needs 8.9, BF16 8.0), yet the gateway's CUDA 12.8 image needs its driver.
+    assert body["vllm"] is None
+    assert body["min_driver"] == "570.124.06"
 
 
 def test_plan_reads_the_gpu_it_finds(tmp_path):
