@@ -16,12 +16,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp
 
 from appliance import __version__
-from appliance.auth import KeyStore
+from appliance.auth import AdminKeys, KeyStore
 from appliance.catalog import Catalog, Route, load_catalog
 from appliance.config import Settings
 from appliance.errors import APIError, model_not_found
 from appliance.metrics import exposition
-from appliance.middleware import FastHandler, GatewayMiddleware
+from appliance.middleware import FastHandler, GatewayMiddleware, bearer_token
 
 Check = Callable[[], dict[str, Any]]
 
@@ -33,6 +33,7 @@ class AppState:
     settings: Settings
     catalog: Catalog
     keys: KeyStore
+    admin_keys: AdminKeys
     started: int = field(default_factory=lambda: int(time.time()))
     http: aiohttp.ClientSession | None = None  # pooled client for the speech NIM (LLM targets: upstream_http)
     # name -> {"ready": bool, ...}; shown on /readyz.
@@ -86,6 +87,7 @@ def create_app(settings: Settings, keys: KeyStore | None = None) -> GatewayMiddl
         settings=settings,
         catalog=load_catalog(),
         keys=keys or KeyStore(settings.client_keys, settings.resolved_keys_file),
+        admin_keys=AdminKeys.from_keys(settings.admin_keys),  # hashed here; the plain key is not kept
     )
 
     @asynccontextmanager
@@ -122,11 +124,18 @@ def _install_common_routes(app: FastAPI, state: AppState) -> None:
         return Response(b'{"status":"ok"}', media_type="application/json")
 
     @app.get("/readyz", include_in_schema=False)
-    async def readyz() -> JSONResponse:
+    async def readyz(request: Request) -> JSONResponse:
+        # Monitoring needs no key: without one, only ready or not, per service. The detail (engine URLs,
+        # model paths, last upstream errors, GPU figures) needs the admin key.
+        detail = _admin_authenticated(request, state)
         checks = {name: check() for name, check in state.readiness.items()}
         servable = [r.name for r in state.catalog.routes if state.available(r)]
         ready = bool(servable)
-        body = {"status": "ready" if ready else "unavailable", "servable": servable, "checks": checks}
+        body: dict[str, Any] = {"status": "ready" if ready else "unavailable"}
+        if detail:
+            body.update(servable=servable, checks=checks)
+        else:
+            body["services"] = {name: _ready_word(check) for name, check in checks.items()}
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics", include_in_schema=False)
@@ -155,6 +164,20 @@ def _install_common_routes(app: FastAPI, state: AppState) -> None:
         return JSONResponse(model_card(route, model_id))
 
 
+def _ready_word(check: dict[str, Any]) -> str:
+    return "ready" if check.get("ready") else "not ready"
+
+
+def _admin_authenticated(request: Request, state: AppState) -> bool:
+    """Whether the request carries the admin key: False without a key, 401 for any other key."""
+    token = bearer_token(request.scope)
+    if token is None:
+        return False
+    if not state.admin_keys.verify(token):
+        raise APIError(401, "Incorrect admin key provided.", code="invalid_admin_key")
+    return True
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> Response:
@@ -175,4 +198,5 @@ def _install_error_handlers(app: FastAPI) -> None:
             message = f"Unknown path {request.url.path}."
         elif exc.status_code == 405:
             message = f"Method {request.method} is not allowed on {request.url.path}."
-        return APIError(exc.status_code, message).response()
+        # The framework's headers carry what HTTP requires with the status (405: Allow).
+        return APIError(exc.status_code, message, headers=dict(exc.headers or {})).response()

@@ -140,3 +140,32 @@ class KeyStore:
             if hmac.compare_digest(digest, known):
                 found = key_id
         return found
+
+
+class AdminKeys:
+    """The admin key(s): opens what monitoring needs no key for only in part (/readyz's detail).
+
+    Holds only SHA-256 hashes, taken when the settings load; `APPLIANCE_ADMIN_KEY` supplies one today. A
+    key store can supply its hashes through `replace` without changing the callers.
+    """
+
+    def __init__(self, hashes: list[str]) -> None:
+        self._hashes = list(hashes)
+
+    @classmethod
+    def from_keys(cls, keys: list[str]) -> AdminKeys:
+        return cls([hash_key(k) for k in keys])
+
+    @property
+    def configured(self) -> bool:
+        return bool(self._hashes)
+
+    def replace(self, hashes: list[str]) -> None:
+        self._hashes = list(hashes)
+
+    def verify(self, presented: str) -> bool:
+        digest = hash_key(presented)
+        matched = False
+        for known in self._hashes:  # every hash, so the time taken does not say which one matched
+            matched |= hmac.compare_digest(digest, known)
+        return matched

@@ -29,6 +29,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from appliance.app import create_app
     from appliance.auth import KeyStore
     from appliance.log import event, setup_logging
+    from appliance.server.files import max_client_connections, raise_open_files_limit
+    from appliance.server.protocol import guarded_protocol
 
     if not 1 <= args.port <= 65535:
         return fail(f"--port {args.port} is not a TCP port (1-65535)", 2)
@@ -48,14 +50,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     if (busy := cannot_listen(args.host, args.port)) is not None:
         return fail(busy)
-    event("starting", host=args.host, port=args.port, cloud=settings.cloud_enabled)
+    open_files = raise_open_files_limit()
+    event("starting", host=args.host, port=args.port, cloud=settings.cloud_enabled, open_files=open_files)
     log_policies(settings)
+    protocol = guarded_protocol(
+        settings.max_header_bytes, settings.header_timeout, max_client_connections(open_files)
+    )
     uvicorn.run(
         create_app(settings, keys),
         host=args.host,
         port=args.port,
         loop="uvloop",
-        http="httptools",
+        http=protocol,  # httptools, with head limits, timeouts and OpenAI-shaped protocol errors
         log_config=None,
         access_log=False,
         # The gateway never uses the client's address, so X-Forwarded-* parsing is wasted work.

@@ -104,6 +104,12 @@ class Settings(BaseSettings):
     api_keys: SecretStr | None = _env("APPLIANCE_API_KEYS")  # comma-separated
     keys_file: Path | None = _env("APPLIANCE_KEYS_FILE")
     max_body_bytes: int = _env("APPLIANCE_MAX_BODY_BYTES", 4 * 1024 * 1024, gt=0)
+    # Request line and headers together; past it, 431 (httptools itself would buffer any size).
+    max_header_bytes: int = _env("APPLIANCE_MAX_HEADER_BYTES", 64 * 1024, ge=1024)
+    # Seconds a connection has to send a whole request head (idle and trickling connections are closed).
+    header_timeout: float = _env("APPLIANCE_HEADER_TIMEOUT", 10.0, gt=0)
+    # Opens /readyz's detail; stored only as its hash (appliance.auth.AdminKeys).
+    admin_key: SecretStr | None = _env("APPLIANCE_ADMIN_KEY")
 
     # Upstream timing (seconds) and resilience.
     connect_timeout: float = _env("APPLIANCE_CONNECT_TIMEOUT", 3.0, gt=0)
@@ -216,6 +222,11 @@ class Settings(BaseSettings):
     def client_keys(self) -> list[str]:
         raw = self.api_keys.get_secret_value() if self.api_keys else ""
         return [k.strip() for k in raw.split(",") if k.strip()]
+
+    @property
+    def admin_keys(self) -> list[str]:
+        key = self.admin_key.get_secret_value().strip() if self.admin_key else ""
+        return [key] if key else []
 
     @property
     def cloud_enabled(self) -> bool:

@@ -1,4 +1,5 @@
-"""Prometheus metrics, served on /metrics. Labels stay low-cardinality: known paths, targets, models."""
+"""Prometheus metrics, served on /metrics. Labels are bounded by construction: route templates, statuses,
+targets, catalog model names; never a value a client chose."""
 
 from __future__ import annotations
 
@@ -27,17 +28,23 @@ FALLBACKS = Counter(
 TOKENS = Counter("appliance_tokens_total", "Tokens reported by the engines.", ["model", "direction"])
 
 
-# Labelled children, looked up once: `labels()` costs more than the increment on the hot path.
+# Path labels for requests that matched no route, and for requests that failed authentication (which
+# are answered before routing): one label each, so arbitrary client paths never become series.
+UNMATCHED = "unmatched"
+UNAUTHENTICATED = "unauthenticated"
+
+# Labelled children, looked up once: `labels()` costs more than the increment on the hot path. The key
+# is bounded: route templates (or the two labels above), the statuses the gateway sends, targets.
 _request_series: dict[tuple[str, int, str | None], tuple[Any, Any]] = {}
 
 
-def record_request(path: str, status: int, target: str | None, seconds: float) -> None:
-    series = _request_series.get((path, status, target))
+def record_request(route: str, status: int, target: str | None, seconds: float) -> None:
+    """`route` is a route's path template (`/v1/models/{model_id:path}`), UNMATCHED or UNAUTHENTICATED,
+    never the path a client sent."""
+    series = _request_series.get((route, status, target))
     if series is None:
-        label = "unmatched" if status == 404 else path  # arbitrary client paths must not become labels
-        series = (REQUESTS.labels(label, str(status), target or "none"), LATENCY.labels(label))
-        if status != 404:
-            _request_series[(path, status, target)] = series
+        series = (REQUESTS.labels(route, str(status), target or "none"), LATENCY.labels(route))
+        _request_series[(route, status, target)] = series
     series[0].inc()
     series[1].observe(seconds)
 

@@ -15,12 +15,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from appliance.auth import KeyStore
 from appliance.errors import APIError
 from appliance.log import access, logger
-from appliance.metrics import record_request, record_tokens
+from appliance.metrics import UNAUTHENTICATED, UNMATCHED, record_request, record_tokens
 
 # A hot-path handler: takes the request's scope and receive, returns the response to send (any ASGI app).
 FastHandler = Callable[[Scope, Receive], Awaitable[ASGIApp]]
 
-# Paths that need no client key: liveness, readiness and metrics carry no request content.
+# Paths that need no client key: liveness, readiness and metrics carry no request content, no secret and
+# no internal address (/readyz's detail needs the admin key; see app.readyz).
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
@@ -50,7 +51,7 @@ def request_header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-def _bearer(scope: Scope) -> str | None:
+def bearer_token(scope: Scope) -> str | None:
     scheme, _, token = (request_header(scope, b"authorization") or "").partition(" ")
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
@@ -86,6 +87,8 @@ class GatewayMiddleware:
         scope.setdefault("state", {})["ctx"] = ctx
         rid = ctx.request_id.encode()
         status = 0
+        error: APIError | None = None
+        fast: FastHandler | None = None
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -95,6 +98,7 @@ class GatewayMiddleware:
             await send(message)
 
         try:
+            # Authentication: every path but OPEN_PATHS needs a client key.
             error = self._authenticate(scope, ctx)
             fast = self.fast_routes.get((scope["method"], scope["path"]))
             if error is not None:
@@ -114,12 +118,12 @@ class GatewayMiddleware:
                     scope, receive, send_with_id
                 )
         finally:
-            self._log(scope, ctx, status, started)
+            self._log(scope, ctx, status, started, error is not None, fast is not None)
 
     def _authenticate(self, scope: Scope, ctx: RequestContext) -> APIError | None:
         if scope["path"] in OPEN_PATHS:
             return None
-        token = _bearer(scope)
+        token = bearer_token(scope)
         if token is None:
             return APIError(
                 401, "Missing API key: send 'Authorization: Bearer <key>'.", code="missing_api_key"
@@ -130,11 +134,13 @@ class GatewayMiddleware:
         return None
 
     @staticmethod
-    def _log(scope: Scope, ctx: RequestContext, status: int, started: float) -> None:
+    def _log(
+        scope: Scope, ctx: RequestContext, status: int, started: float, refused: bool, fast: bool
+    ) -> None:
         if scope["path"] in OPEN_PATHS:
             return
         seconds = time.perf_counter() - started
-        record_request(scope["path"], status, ctx.target, seconds)
+        record_request(_route_label(scope, refused, fast), status, ctx.target, seconds)
         if ctx.model is not None:
             record_tokens(ctx.model, ctx.prompt_tokens, ctx.completion_tokens)
         fields: dict[str, Any] = {
@@ -150,3 +156,13 @@ class GatewayMiddleware:
             if value is not None:
                 fields[name] = value
         access(fields)
+
+
+def _route_label(scope: Scope, refused: bool, fast: bool) -> str:
+    """The metrics label for a request: its route's path template, never the path the client sent."""
+    if refused:
+        return UNAUTHENTICATED
+    if fast:
+        return scope["path"]  # a fast route's path is one the gateway registered
+    route = scope.get("route")  # set by the framework's router when a route matched (or only its path)
+    return getattr(route, "path", None) or UNMATCHED

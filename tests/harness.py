@@ -22,6 +22,7 @@ import openai
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO / "tests" / "reference"  # public specs the tests validate against
 CLIENT_KEY = "sk-test-client-key-0123456789"
+ADMIN_KEY = "sk-test-admin-key-9876543210"  # every test gateway has it: /readyz's detail needs it
 T = TypeVar("T")
 
 
@@ -81,6 +82,7 @@ def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("APPLIANCE_", "NVIDIA_"))}
     env["PYTHONPATH"] = str(REPO)
     env["PYTHONUNBUFFERED"] = "1"
+    env["APPLIANCE_ADMIN_KEY"] = ADMIN_KEY
     env.update(extra)
     return env
 
@@ -145,6 +147,10 @@ class Gateway:
         kwargs.setdefault("max_retries", 0)
         kwargs.setdefault("timeout", 30)
         return openai.OpenAI(base_url=self.base_url, **kwargs)
+
+    def readyz(self, **kwargs: Any) -> httpx.Response:
+        """/readyz with its detail, as an admin reads it."""
+        return httpx.get(self.url + "/readyz", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, **kwargs)
 
     def http(self, **kwargs: Any) -> httpx.Client:
         headers = {"Authorization": f"Bearer {CLIENT_KEY}", **kwargs.pop("headers", {})}

@@ -5,8 +5,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import httpx
-
 from tests.harness import CLIENT_KEY, Gateway, clean_env
 
 
@@ -26,7 +24,7 @@ def start_stt_gateway(tmp: Path, name: str, **settings: str) -> Gateway:
     gateway = Gateway(clean_env(**{**defaults, **settings}), tmp / f"{name}.log").start()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        if httpx.get(gateway.url + "/readyz").json()["checks"]["stt"]["state"] != "loading":
+        if gateway.readyz().json()["checks"]["stt"]["state"] != "loading":
             return gateway
         time.sleep(0.05)
     gateway.stop()

@@ -43,6 +43,9 @@ def test_unknown_path_and_method_are_openai_shaped(start_gateway):
         r = http.delete("/v1/models")
         assert r.status_code == 405
         validate("ErrorResponse", r.json())
+        assert r.headers["allow"] == "GET"
+        r = http.get("/v1/chat/completions")  # a relay route, served ahead of the framework for POST
+        assert r.status_code == 405 and r.headers["allow"] == "POST"
 
 
 def test_unknown_model_is_404(start_gateway):

@@ -312,8 +312,7 @@ def test_on_overload_spills_to_cloud_while_the_queue_is_long(gateway, local_llm,
     local_llm.waiting = 12
     time.sleep(0.5)
     assert served_by(chat(gw)) == "cloud"
-    with gw.http() as http:
-        assert http.get("/readyz").json()["checks"]["llm"]["overloaded"] is True
+    assert gw.readyz().json()["checks"]["llm"]["overloaded"] is True
     local_llm.waiting = 0
     time.sleep(0.5)
     assert served_by(chat(gw)) == "local"
@@ -409,8 +408,7 @@ def test_breaker_skips_a_failing_engine_then_recovers(gateway, local_llm, cloud_
     tried = len(local_llm.seen)
     assert served_by(chat(gw)) == "cloud"
     assert len(local_llm.seen) == tried  # skipped at once, not tried
-    with gw.http() as http:
-        assert http.get("/readyz").json()["checks"]["llm"]["targets"]["local"]["breaker"] == "open"
+    assert gw.readyz().json()["checks"]["llm"]["targets"]["local"]["breaker"] == "open"
     local_llm.clear()
     time.sleep(0.8)  # the background probe sees /health answer again
     assert served_by(chat(gw)) == "local"

@@ -11,7 +11,7 @@ from tests.sims.nvml import FAKE_DIR, write_config
 
 
 def gpu_check(gw) -> dict:
-    return httpx.get(gw.url + "/readyz", timeout=10).json()["checks"]["gpu"]
+    return gw.readyz(timeout=10).json()["checks"]["gpu"]
 
 
 def wait_for(gw, predicate, timeout: float = 15) -> dict:
@@ -68,4 +68,4 @@ def test_readyz_shows_the_gpus_key_figures_and_follows_a_gpu_going_bad(start_gat
 
 def test_the_monitor_can_be_turned_off(start_gateway):
     gw = start_gateway(APPLIANCE_GPU_REFRESH_INTERVAL="0")
-    assert "gpu" not in httpx.get(gw.url + "/readyz").json()["checks"]
+    assert "gpu" not in gw.readyz().json()["checks"]

@@ -8,7 +8,6 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.harness import CLIENT_KEY, BackgroundLoop, clean_env, run_appliance
@@ -78,7 +77,7 @@ def test_pull_verify_list_then_serve_from_disk(hub, tmp_path):
     try:
         text = gw.client().audio.transcriptions.create(model="whisper-1", file=make_audio("wav", 3.0)).text
         assert text
-        assert httpx.get(gw.url + "/readyz").json()["checks"]["stt"]["model"] == "large-v3"
+        assert gw.readyz().json()["checks"]["stt"]["model"] == "large-v3"
     finally:
         gw.stop()
 

@@ -82,7 +82,7 @@ def wait_until(condition: Callable[[], Any], timeout: float = 5.0) -> None:
 
 
 def tts_check(gw: Gateway) -> dict[str, Any]:
-    return httpx.get(gw.url + "/readyz").json()["checks"]["tts"]
+    return gw.readyz().json()["checks"]["tts"]
 
 
 def decode(data: bytes, fmt: str) -> tuple[str, str, int, np.ndarray]:
@@ -517,7 +517,7 @@ def test_a_full_line_answers_429_busy_with_retry_after(start_gateway, nim):
 def test_engine_not_ready_is_a_503_and_shows_on_readyz(gateway, nim):
     nim.fail = "not_ready"
     wait_until(lambda: not tts_check(gateway)["ready"])
-    ready = httpx.get(gateway.url + "/readyz")
+    ready = gateway.readyz()
     assert ready.status_code == 503
     assert "nvidia/magpietts" not in ready.json()["servable"]
     assert "not ready" in ready.json()["checks"]["tts"]["detail"]
@@ -582,7 +582,7 @@ def test_stream_broken_midway_ends_with_an_incomplete_body(gateway, nim):
 def test_unreachable_engine_is_not_ready_and_speech_is_a_503(start_gateway):
     gw = start_gateway(APPLIANCE_TTS_HEALTH_INTERVAL="0.1")  # nothing listens at APPLIANCE_TTS_URL
     wait_until(lambda: "unreachable" in tts_check(gw)["detail"])
-    assert httpx.get(gw.url + "/readyz").status_code == 503
+    assert gw.readyz().status_code == 503
     response = speech(gw, input="Hello.")
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "tts_not_ready"

@@ -381,7 +381,7 @@ def test_audio_and_transcripts_stay_out_of_logs_and_off_disk(gw, client):
 def test_models_list_and_readyz_show_speech_to_text(gw, client):
     names = {m.id for m in client.models.list()}
     assert {"whisper-large-v3", "whisper-1"} <= names
-    stt = httpx.get(gw.url + "/readyz").json()["checks"]["stt"]
+    stt = gw.readyz().json()["checks"]["stt"]
     assert stt == {
         "ready": True,
         "state": "ready",
@@ -405,7 +405,7 @@ def test_missing_model_is_503_naming_the_pull_command(tmp_path, wav):
         assert exc.value.response.headers["x-should-retry"] == "false"  # no use retrying
         assert "whisper-1" not in {m.id for m in client.models.list()}
         assert httpx.get(gw.url + "/healthz").status_code == 200
-        ready = httpx.get(gw.url + "/readyz")
+        ready = gw.readyz()
         assert ready.status_code == 503
         assert "appliance models pull large-v3" in ready.json()["checks"]["stt"]["error"]
     finally:

@@ -1,0 +1,1 @@
+"""Serving the gateway: the HTTP connection protocol and the process's own limits."""
