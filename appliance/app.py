@@ -165,7 +165,11 @@ def _install_common_routes(app: FastAPI, state: AppState) -> None:
 
 
 def _ready_word(check: dict[str, Any]) -> str:
-    return "ready" if check.get("ready") else "not ready"
+    """A service's readiness in one word: `loading` lets a health check wait for a model still loading
+    (the compose file starts vLLM only after Whisper holds its memory)."""
+    if check.get("ready"):
+        return "ready"
+    return "loading" if check.get("state") == "loading" else "not ready"
 
 
 def _admin_authenticated(request: Request, state: AppState) -> bool:
