@@ -127,6 +127,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             else:
                 self._unsupported_upgrade_warning()
 
+    def handle_websocket_upgrade(self) -> None:
+        # The WebSocket protocol takes the connection over: it gets the socket's own transport, and this
+        # protocol's timers stop.
+        self._cancel_timers()
+        self.transport = self._socket  # type: ignore[assignment]
+        super().handle_websocket_upgrade()
+
     # Parser callbacks.
 
     def on_headers_complete(self) -> None:
