@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import time
 
-import httpx
 import openai
 import pytest
 
@@ -27,7 +26,7 @@ def magpie(bg_loop):
 
 
 def local_check(gw) -> dict:
-    return httpx.get(gw.url + "/readyz").json()["checks"]["llm"]["targets"]["local"]
+    return gw.readyz().json()["checks"]["llm"]["targets"]["local"]
 
 
 def logged(gw, name: str) -> list[dict]:
@@ -67,7 +66,7 @@ def test_with_policy_never_a_misaddressed_engine_is_a_503_and_nothing_leaves(
         gw.client().chat.completions.create(model=TIER1, messages=MESSAGES)
     assert exc.value.status_code == 503
     assert local_llm.seen == [] and cloud_llm.seen == []
-    ready = httpx.get(gw.url + "/readyz")
+    ready = gw.readyz()
     assert ready.status_code == 503
     assert ready.json()["checks"]["llm"]["ready"] is False
 
@@ -92,8 +91,8 @@ def test_a_tts_url_that_is_not_a_nim_says_so(start_gateway, local_llm):
         "MagpieTTS NIM's base URL, without /v1"
     )
     deadline = time.monotonic() + 10
-    while httpx.get(gw.url + "/readyz").json()["checks"]["tts"]["detail"] != detail:
-        assert time.monotonic() < deadline, httpx.get(gw.url + "/readyz").text
+    while gw.readyz().json()["checks"]["tts"]["detail"] != detail:
+        assert time.monotonic() < deadline, gw.readyz().text
         time.sleep(0.1)
     with pytest.raises(openai.InternalServerError) as exc:
         gw.client().audio.speech.create(model="tts-1", voice="alloy", input="Hello.")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import CLIENT_KEY, BackgroundLoop, clean_env, run_appliance
+from tests.harness import BackgroundLoop, clean_env, run_appliance
 from tests.sims.hf_hub import HubSimulator
 from tests.stt_audio import make_audio
 from tests.stt_gateway import start_stt_gateway
@@ -134,8 +134,8 @@ def test_quick_start_without_a_gpu_serves_speech_to_text_once_the_planned_model_
     }
     gw = start_stt_gateway(tmp_path, "before-pull", **cpu)
     try:
-        with httpx.Client(base_url=gw.base_url, headers={"Authorization": f"Bearer {CLIENT_KEY}"}) as http:
-            r = http.post("/audio/transcriptions", files={"file": make_audio("wav", 1.0)},
+        with gw.http() as http:
+            r = http.post("/v1/audio/transcriptions", files={"file": make_audio("wav", 1.0)},
                           data={"model": "whisper-1"})  # fmt: skip
         assert r.status_code == 503
         assert r.json()["error"]["message"] == (
@@ -157,7 +157,7 @@ def test_quick_start_without_a_gpu_serves_speech_to_text_once_the_planned_model_
     gw = start_stt_gateway(tmp_path, "after-pull", **cpu)
     try:
         assert gw.client().audio.transcriptions.create(model="whisper-1", file=make_audio("wav", 2.0)).text
-        stt = httpx.get(gw.url + "/readyz").json()["checks"]["stt"]
+        stt = gw.readyz().json()["checks"]["stt"]
         assert (stt["model"], stt["device"], stt["compute_type"]) == ("large-v3-turbo", "cpu", "int8")
     finally:
         gw.stop()

@@ -73,7 +73,7 @@ def _gateway(model_dir: Path, tmp: Path, workers: int) -> Gateway:
     )
     gateway = Gateway(env, tmp / f"gateway-{workers}.log").start()
     deadline = time.monotonic() + 120
-    while httpx.get(gateway.url + "/readyz").json()["checks"]["stt"]["state"] == "loading":
+    while gateway.readyz().json()["checks"]["stt"]["state"] == "loading":
         if time.monotonic() > deadline:
             raise RuntimeError(gateway.logs())
         time.sleep(0.05)
