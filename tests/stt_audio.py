@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import wave
 
 import av
 import numpy as np
@@ -43,3 +45,40 @@ def make_audio(kind: str = "wav", seconds: float = 5.0, channels: int = 1) -> tu
             out.mux(stream.encode(frame))
         out.mux(stream.encode(None))
     return name, buf.getvalue()
+
+
+# Audio bombs: small files that declare far more audio than a recording of their size could hold.
+
+
+def silent_flac(seconds: float, rate: int = 16000, layout: str = "mono") -> bytes:
+    """FLAC of digital silence: half an hour of it packs into a few hundred KB."""
+    channels = av.AudioLayout(layout).nb_channels
+    step = rate * 10
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="flac") as out:
+        stream = out.add_stream("flac", rate=rate, layout=layout)
+        zeros = np.zeros((1, step * channels), np.int16)  # packed: channels interleaved
+        for start in range(0, round(seconds * rate), step):
+            frame = av.AudioFrame.from_ndarray(zeros, format="s16", layout=layout)
+            frame.sample_rate, frame.pts = rate, start
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return buf.getvalue()
+
+
+def declare_flac_samples(data: bytes, total: int) -> bytes:
+    """`data` (a FLAC file) with its STREAMINFO header claiming `total` samples."""
+    offset = 18  # "fLaC", the block header (4), block sizes (4) and frame sizes (6)
+    (packed,) = struct.unpack_from(">Q", data, offset)  # rate 20 bits, channels 3, depth 5, samples 36
+    packed = (packed & ~((1 << 36) - 1)) | total
+    return data[:offset] + struct.pack(">Q", packed) + data[offset + 8 :]
+
+
+def wav_with_channels(channels: int, seconds: float = 1.0, rate: int = 16000) -> bytes:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(bytes(2 * channels * round(seconds * rate)))
+    return buf.getvalue()
