@@ -37,27 +37,30 @@ def _byte_alphabet() -> list[str]:
     return pre_tokenizers.ByteLevel.alphabet()
 
 
-def text_tokens() -> list[str]:
+def text_tokens(english_only: bool = False) -> list[str]:
     """50,257 text tokens: every byte, then whole words (" w0", " w1", ...) so decoded text splits into
     words, then the empty token that multilingual Whisper vocabularies end with (CTranslate2 tells a
-    multilingual model by it)."""
+    multilingual model by it; English-only vocabularies lack it)."""
     alphabet = sorted(_byte_alphabet())
     space = "Ġ"  # the byte-level stand-in for " "
     words = [f"{space}w{i}" for i in range(N_TEXT_TOKENS - len(alphabet) - 1)]
-    return [*alphabet, *words, ""]
+    return [*alphabet, *words] if english_only else [*alphabet, *words, ""]
 
 
-def special_tokens() -> list[str]:
-    languages = [f"<|{code}|>" for code in _LANGUAGE_CODES]
+def special_tokens(english_only: bool = False) -> list[str]:
+    # English-only models (`*.en`) come from before large-v3 added Cantonese: 99 language tokens.
+    codes = [c for c in _LANGUAGE_CODES if not (english_only and c == "yue")]
+    languages = [f"<|{code}|>" for code in codes]
     return SPECIAL_BEFORE_LANGUAGES + languages + SPECIAL_AFTER_LANGUAGES + TIMESTAMPS
 
 
-def build_tokenizer() -> Tokenizer:
-    vocab = {token: i for i, token in enumerate(text_tokens())}
+def build_tokenizer(english_only: bool = False) -> Tokenizer:
+    vocab = {token: i for i, token in enumerate(text_tokens(english_only))}
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens()])
+    specials = special_tokens(english_only)
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     return tokenizer
 
 
@@ -94,9 +97,8 @@ def _cross_attention(spec, rng: np.random.Generator, dim: int) -> None:
     _linear(spec.linear[2], rng, dim, dim)
 
 
-def build_spec(dim: int, heads: int, layers: int, seed: int) -> whisper_spec.WhisperSpec:
+def build_spec(dim: int, heads: int, layers: int, seed: int, vocab_size: int) -> whisper_spec.WhisperSpec:
     rng = np.random.default_rng(seed)
-    vocab_size = N_TEXT_TOKENS + len(special_tokens())
     spec = whisper_spec.WhisperSpec(layers, heads, layers, heads)
 
     enc = spec.encoder
@@ -153,21 +155,29 @@ def _steer_decoder(spec: whisper_spec.WhisperSpec, tokenizer: Tokenizer) -> None
 
 
 def build_tiny_whisper(
-    out_dir: Path, *, dim: int = 64, heads: int = 2, layers: int = 2, seed: int = 0
+    out_dir: Path,
+    *,
+    dim: int = 64,
+    heads: int = 2,
+    layers: int = 2,
+    seed: int = 0,
+    english_only: bool = False,
 ) -> Path:
-    """Write a complete faster-whisper model directory to `out_dir` and return it."""
+    """Write a complete faster-whisper model directory to `out_dir` and return it; `english_only` makes
+    it a `*.en` model (a vocabulary CTranslate2 tells from a multilingual one by its size)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(english_only)
     vocabulary = [tokenizer.id_to_token(i) for i in range(tokenizer.get_vocab_size())]
 
-    spec = build_spec(dim, heads, layers, seed)
+    spec = build_spec(dim, heads, layers, seed, len(vocabulary))
     _steer_decoder(spec, tokenizer)
     spec.register_vocabulary(vocabulary)
     config = spec.config
     eot = tokenizer.token_to_id("<|endoftext|>")
     config.suppress_ids = []
     config.suppress_ids_begin = [tokenizer.token_to_id("Ġ"), eot]
-    config.lang_ids = [tokenizer.token_to_id(f"<|{code}|>") for code in _LANGUAGE_CODES]
+    languages = (tokenizer.token_to_id(f"<|{code}|>") for code in _LANGUAGE_CODES)
+    config.lang_ids = [i for i in languages if i is not None]
     config.alignment_heads = [[layer, head] for layer in range(layers // 2, layers) for head in range(heads)]
     spec.validate()
     spec.optimize(quantization=None)
