@@ -7,7 +7,7 @@ that have nothing else installed yet.
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,15 @@ class Catalog:
 
     def routes_of_kind(self, kind: str) -> list[Route]:
         return [r for r in self.routes if r.kind == kind]
+
+    def rename(self, old: str, new: str) -> None:
+        """Serve route `old` under the public name `new` instead; its aliases stay (a gateway that
+        loads another model than the catalog's names it for what it loaded)."""
+        self.routes = tuple(
+            replace(r, name=new, aliases=tuple(a for a in r.aliases if a != new)) if r.name == old else r
+            for r in self.routes
+        )
+        self.__post_init__()
 
 
 def catalog_path() -> Path:

@@ -1,9 +1,20 @@
 """Speech-to-text engine: faster-whisper (CTranslate2) in this process, and OpenAI's output formats.
 
 The model loads once, in a background thread started with the gateway, from the model store on disk
-only. Every decode and transcription runs on a bounded thread pool so the event loop keeps serving;
-audio longer than one 30 s window goes through faster-whisper's batched pipeline (with VAD unless it is
-turned off). Nothing here logs or stores what was said.
+only. Every decode and transcription runs on a bounded thread pool so the event loop keeps serving.
+Nothing here logs or stores what was said.
+
+Long audio (over one 30 s window) takes one of two paths, chosen by measurement (`tests/bench/stt_long.py`,
+README): faster-whisper's batched pipeline loses whole phrases at window edges when it predicts segment
+timestamps, and loses nothing without them, so it runs only where the caller needs the text (and word
+times) but not segment timestamps; everything else, and every stream, goes window after window through
+`WhisperModel.transcribe`, which yields each segment as soon as its window is decoded.
+
+For other features (live dictation), the engine's public calls are:
+- `SpeechEngine.segments(samples, options)`: in the calling (worker) thread, the language and a lazy
+  iterator of `Segment`s for 16 kHz mono float32 samples;
+- `SpeechEngine.stream(samples, options)`: the same on the engine's pool, as an async iterator;
+- `SpeechEngine.check(options)`: the 400 for options the loaded model cannot serve.
 """
 
 from __future__ import annotations
@@ -19,12 +30,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import orjson
 
-from appliance.audio.decode import AudioError, DecodedAudio, decode_audio
+from appliance.audio.decode import SAMPLE_RATE, AudioError, DecodedAudio, decode_audio
 from appliance.catalog import Catalog
 from appliance.config import Settings
-from appliance.errors import APIError, unavailable
+from appliance.errors import APIError, bad_request, unavailable
 from appliance.log import elapsed_ms, event
 from appliance.model_store import ModelStoreError, configured_stt_model, resolve
 
@@ -34,7 +46,8 @@ from appliance.model_store import ModelStoreError, configured_stt_model, resolve
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 Task = Literal["transcribe", "translate"]
-WINDOW_SECONDS = 30.0  # Whisper's context; longer audio takes the batched pipeline
+WINDOW_SECONDS = 30.0  # Whisper's context
+AUDIO_TOKENS_PER_SECOND = 50  # Whisper's encoder: 1,500 positions per 30 s window
 FALLBACK_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # OpenAI: temperature 0 means "raise as needed"
 BEAM_SIZE = 5
 
@@ -69,6 +82,8 @@ class TranscribeOptions:
     prompt: str | None = None
     temperature: float = 0.0  # 0: start greedy, raise on failure
     word_timestamps: bool = False
+    # False when the caller needs the text (and word times) only: long audio may then be batched.
+    segment_timestamps: bool = True
 
 
 @dataclass(frozen=True)
@@ -109,6 +124,16 @@ class Transcript:
         return [w for s in self.segments for w in s.words]
 
 
+def public_name(spec: str) -> str:
+    """The public model name for a configured model: `whisper-` and the catalog name, or the model
+    directory's name without a `faster-whisper-` or `whisper-` prefix (`/srv/faster-whisper-base` is
+    `whisper-base`)."""
+    name = spec.rstrip("/").rsplit("/", 1)[-1]
+    for prefix in ("faster-whisper-", "whisper-"):
+        name = name.removeprefix(prefix)
+    return f"whisper-{name}"
+
+
 class SpeechEngine:
     """One WhisperModel, loaded in the background, and the pool its work runs on."""
 
@@ -123,8 +148,12 @@ class SpeechEngine:
         self.state = "loading"  # loading | ready | missing | failed
         self.problem: str | None = None  # for the admin
         self.public_problem: str | None = None  # for the apps: no server paths
-        self.model_name = settings.stt_model  # the model actually chosen, once loading starts
+        self.model_name = configured_stt_model(settings, catalog)  # `auto` resolved: the model to load
+        self.name = public_name(self.model_name)  # what apps call it
         self.model: Any = None  # faster_whisper.WhisperModel once ready
+        # Read once at load: CTranslate2 answers model properties only when a replica is free, which
+        # would stall the event loop behind a running transcription.
+        self.multilingual = True
         self.device: str | None = None
         self.compute_type: str | None = None
 
@@ -139,13 +168,13 @@ class SpeechEngine:
     def load(self) -> None:
         started = time.perf_counter()
         try:
-            self.model_name = configured_stt_model(self.settings, self.catalog)
             stored = resolve(self.model_name, self.settings, self.catalog)
         except ModelStoreError as exc:
             self._fail("missing", f"speech-to-text is unavailable: {exc}", exc.public)
             return
         try:
             self.model = self._open(str(stored.path))
+            self.multilingual = self.model.model.is_multilingual
         except Exception as exc:  # a broken model or runtime must not take the gateway down
             message = "speech-to-text model failed to load"
             self._fail("failed", f"{message}: {type(exc).__name__}: {exc}", f"{message}; see /readyz")
@@ -198,7 +227,12 @@ class SpeechEngine:
         return self.state == "ready"
 
     def status(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"ready": self.ready, "state": self.state, "model": self.model_name}
+        body: dict[str, Any] = {
+            "ready": self.ready,
+            "state": self.state,
+            "model": self.model_name,
+            "name": self.name,
+        }
         if self.ready:
             body.update(device=self.device, compute_type=self.compute_type)
         if self.problem:
@@ -216,6 +250,24 @@ class SpeechEngine:
 
     # Work.
 
+    def check(self, options: TranscribeOptions) -> None:
+        """The 400 for what the loaded model cannot do: an English-only (`*.en`) model neither
+        translates nor hears other languages, and would answer in English under the asked label."""
+        if self.multilingual:
+            return
+        if options.task == "translate":
+            raise bad_request(
+                f"The loaded model ({self.name}) is English-only: it cannot translate. "
+                "Configure a multilingual Whisper model for translations.",
+                "model",
+            )
+        if options.language not in (None, "en"):
+            raise bad_request(
+                f"The loaded model ({self.name}) is English-only: it cannot transcribe "
+                f"'{options.language}'. Leave 'language' out or send 'en'.",
+                "language",
+            )
+
     async def decode(self, data: bytes) -> DecodedAudio:
         return await self._in_pool(decode_audio, data, self.settings.stt_max_seconds)
 
@@ -224,20 +276,20 @@ class SpeechEngine:
 
         def run() -> Transcript:
             audio = decode_audio(data, self.settings.stt_max_seconds)
-            language, segments = self._segments(audio, options)
+            language, segments = self.segments(audio.samples, options)
             return Transcript(options.task, language, audio.duration, list(segments))
 
         return await self._in_pool(run)
 
-    async def stream(self, audio: DecodedAudio, options: TranscribeOptions) -> AsyncIterator[Segment]:
-        """Segments as the worker finishes them; closing the iterator stops the worker early."""
+    async def stream(self, samples: np.ndarray, options: TranscribeOptions) -> AsyncIterator[Segment]:
+        """Segments as the worker decodes them; closing the iterator stops the worker early."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Segment | BaseException | None] = asyncio.Queue()
         stop = threading.Event()
 
         def run() -> None:
             try:
-                for segment in self._segments(audio, options)[1]:
+                for segment in self.segments(samples, options)[1]:
                     if stop.is_set():
                         return
                     loop.call_soon_threadsafe(queue.put_nowait, segment)
@@ -262,10 +314,10 @@ class SpeechEngine:
         except Exception as exc:
             raise engine_error(exc) from None
 
-    def _segments(self, audio: DecodedAudio, options: TranscribeOptions) -> tuple[str, Iterator[Segment]]:
-        """Start a transcription in this (worker) thread: the language and a lazy iterator of segments."""
-        from faster_whisper import BatchedInferencePipeline
-
+    def segments(self, samples: np.ndarray, options: TranscribeOptions) -> tuple[str, Iterator[Segment]]:
+        """Start transcribing 16 kHz mono float32 `samples` in this (worker) thread: the language, and a
+        lazy iterator that decodes segment by segment as it is read."""
+        duration = len(samples) / SAMPLE_RATE
         common: dict[str, Any] = {
             "language": options.language,
             "task": options.task,
@@ -273,27 +325,30 @@ class SpeechEngine:
             "word_timestamps": options.word_timestamps,
             "beam_size": BEAM_SIZE,
         }
-        if audio.duration <= WINDOW_SECONDS:
-            temperature = FALLBACK_TEMPERATURES if options.temperature == 0 else options.temperature
-            raw, info = self.model.transcribe(audio.samples, temperature=temperature, **common)
+        if duration > WINDOW_SECONDS and self.settings.stt_vad and not options.segment_timestamps:
+            raw, info = self._batched(samples, options.temperature, common)
         else:
-            vad = self.settings.stt_vad
-            raw, info = BatchedInferencePipeline(self.model).transcribe(
-                audio.samples,
-                temperature=options.temperature,
-                batch_size=self.settings.stt_batch_size,
-                vad_filter=vad,
-                clip_timestamps=None if vad else fixed_windows(audio.duration),
-                without_timestamps=False,  # segment timestamps inside each window, for srt and vtt
-                **common,
-            )
-        return info.language, (_segment(i, s, audio.duration) for i, s in enumerate(raw))
+            temperature = FALLBACK_TEMPERATURES if options.temperature == 0 else options.temperature
+            vad = self.settings.stt_vad and duration > WINDOW_SECONDS
+            raw, info = self.model.transcribe(samples, temperature=temperature, vad_filter=vad, **common)
+        return info.language, (_segment(i, s, duration) for i, s in enumerate(raw))
 
+    def _batched(
+        self, samples: np.ndarray, temperature: float, common: dict[str, Any]
+    ) -> tuple[Iterator[Any], Any]:
+        """faster-whisper's batched pipeline over the speech VAD finds, text only. Measured: with segment
+        timestamps on it drops the end of a window whose last segment has no closing timestamp (whole
+        phrases), and on fixed 30 s windows (VAD off) it loses the words a window edge cuts through."""
+        from faster_whisper import BatchedInferencePipeline
 
-def fixed_windows(duration: float) -> list[dict[str, float]]:
-    """Consecutive 30 s clips covering the audio, for the batched pipeline when VAD is off."""
-    starts = range(math.ceil(duration / WINDOW_SECONDS))
-    return [{"start": i * WINDOW_SECONDS, "end": min((i + 1) * WINDOW_SECONDS, duration)} for i in starts]
+        return BatchedInferencePipeline(self.model).transcribe(
+            samples,
+            temperature=temperature,
+            batch_size=self.settings.stt_batch_size,
+            vad_filter=True,
+            without_timestamps=True,
+            **common,
+        )
 
 
 def _clamp(t: float, duration: float) -> float:
@@ -399,18 +454,40 @@ def sse(data: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(data) + b"\n\n"
 
 
-async def sse_transcript(segments: AsyncIterator[Segment]) -> AsyncIterator[bytes]:
-    """OpenAI's transcription stream: `transcript.text.delta` per segment, then `transcript.text.done`.
+async def sse_transcript(segments: AsyncIterator[Segment], duration: float) -> AsyncIterator[bytes]:
+    """OpenAI's transcription stream: `transcript.text.delta` per segment as it is decoded, then
+    `transcript.text.done` with the whole text and usage.
 
     A failure after the first event ends the stream with an error event, as every stream here does.
     """
     parts: list[str] = []
+    output_tokens = 0
     try:
         async for segment in segments:
             delta = segment.text if parts else segment.text.lstrip()
             parts.append(delta)
+            output_tokens += len(segment.tokens)
             yield sse({"type": "transcript.text.delta", "delta": delta})
     except APIError as exc:
         yield sse({"error": orjson.loads(exc.body())["error"]})
         return
-    yield sse({"type": "transcript.text.done", "text": "".join(parts).strip()})
+    yield sse(
+        {
+            "type": "transcript.text.done",
+            "text": "".join(parts).strip(),
+            "usage": stream_usage(duration, output_tokens),
+        }
+    )
+
+
+def stream_usage(duration: float, output_tokens: int) -> dict[str, Any]:
+    """Usage in the shape OpenAI's stream events carry (tokens): the audio as the encoder's positions,
+    the text as the tokens decoded."""
+    audio_tokens = math.ceil(duration * AUDIO_TOKENS_PER_SECOND)
+    return {
+        "type": "tokens",
+        "input_tokens": audio_tokens,
+        "input_token_details": {"text_tokens": 0, "audio_tokens": audio_tokens},
+        "output_tokens": output_tokens,
+        "total_tokens": audio_tokens + output_tokens,
+    }

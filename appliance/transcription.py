@@ -7,7 +7,8 @@ reading, so an oversized file is refused without being buffered whole. Audio nev
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
@@ -15,7 +16,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.types import Receive, Scope
+from starlette.types import Receive, Scope, Send
 
 from appliance.app import AppState
 from appliance.audio.decode import AudioError, AudioTooLongError, EmptyAudioError, TruncatedAudioError
@@ -47,6 +48,9 @@ DRAIN_BYTES = 256 * 1024 * 1024
 
 def install(app: FastAPI, state: AppState) -> None:
     engine = SpeechEngine(state.settings, state.catalog)
+    # The public name says which model is loaded; `whisper-1` stays the alias apps use.
+    for route in state.catalog.routes_of_kind("stt"):
+        state.catalog.rename(route.name, engine.name)
     admission = Admission(state.settings.stt_max_pending, "speech-to-text")
     state.readiness["stt"] = engine.status
     state.availability["stt"] = lambda route: engine.ready
@@ -55,8 +59,18 @@ def install(app: FastAPI, state: AppState) -> None:
 
     def handler(task: Task) -> FastHandler:
         async def handle(scope: Scope, receive: Receive) -> Response:
-            with admission.slot():
-                return await serve(Request(scope, receive), state, engine, task)
+            slot = ExitStack()
+            slot.enter_context(admission.slot())
+            try:
+                response = await serve(Request(scope, receive), state, engine, task)
+            except BaseException:
+                slot.close()
+                raise
+            if isinstance(response, TranscriptStream):  # the slot is held until the stream ends
+                response.release = slot.close
+            else:
+                slot.close()
+            return response
 
         return handle
 
@@ -74,16 +88,32 @@ async def serve(request: Request, state: AppState, engine: SpeechEngine, task: T
     if form.file is None:
         raise bad_request("'file' is required: the audio to transcribe, as a multipart file.", "file")
     engine.require_ready()
+    engine.check(params.options)
     try:
         if params.stream:  # decode first: bad audio is a 400, not an event in a 200 stream
             audio = await engine.decode(form.file)
-            events = sse_transcript(engine.stream(audio, params.options))
-            headers = {"cache-control": "no-cache"}
-            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+            return TranscriptStream(
+                sse_transcript(engine.stream(audio.samples, params.options), audio.duration),
+                media_type="text/event-stream",
+                headers={"cache-control": "no-cache"},
+            )
         transcript = await engine.transcribe(form.file, params.options)
     except AudioError as exc:
         raise audio_error(exc) from None
     return render(transcript, params)
+
+
+class TranscriptStream(StreamingResponse):
+    """A streamed transcript that holds its admission slot until the last event is sent (or the client
+    has gone): a stream works as long as any other request, so the cap counts it until it ends."""
+
+    release: Callable[[], None] = staticmethod(lambda: None)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
 
 
 def render(transcript: Transcript, params: Params) -> Response:
@@ -133,19 +163,24 @@ class Params:
                     f"Unsupported language '{language}'; give an ISO-639-1 code such as 'en' or 'de'.",
                     "language",
                 )
+        granularities = _granularities(form, response_format)
+        stream = _boolean(form.get("stream"), "stream")
+        if stream and response_format not in ("json", "text"):
+            raise bad_request(
+                "stream=true streams the transcript's text: use response_format json or text.", "stream"
+            )
         options = TranscribeOptions(
             task=task,
             language=language,
             prompt=form.get("prompt") or None,
             temperature=_temperature(form.get("temperature")),
-            word_timestamps="word" in _granularities(form, response_format),
+            word_timestamps="word" in granularities,
+            # Streams send segment by segment; srt, vtt and verbose_json's segments carry their times.
+            segment_timestamps=stream
+            or response_format in ("srt", "vtt")
+            or (response_format == "verbose_json" and "segment" in granularities),
         )
-        stream = task == "transcribe" and _boolean(form.get("stream"), "stream")
-        if stream and response_format not in ("json", "text"):
-            raise bad_request(
-                "stream=true streams the transcript's text: use response_format json or text.", "stream"
-            )
-        return cls(options, response_format, _granularities(form, response_format), stream)
+        return cls(options, response_format, granularities, stream)
 
 
 def _temperature(value: str | None) -> float:

@@ -20,7 +20,8 @@ def bg_loop() -> Iterator[BackgroundLoop]:
 @pytest.fixture(scope="session")
 def real_whisper_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The packaged real Whisper base model, joined into a folder of this test session's own."""
-    return whisper_base(tmp_path_factory.mktemp("whisper-base"))
+    # Named as faster-whisper's converter names it: the gateway serves it as `whisper-base`.
+    return whisper_base(tmp_path_factory.mktemp("models") / "faster-whisper-base")
 
 
 @pytest.fixture

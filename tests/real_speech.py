@@ -99,3 +99,25 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
             current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (r != h)))
         previous = current
     return previous[-1] / max(len(ref), 1)
+
+
+# A passage of about a minute, spoken sentence by sentence: long enough to take two 30 s windows and more,
+# with the phrase the batched pipeline was seen to drop at a window's edge.
+WATER_CYCLE = (
+    "The water cycle describes how water moves around our planet.",
+    "The sun heats the oceans, the lakes and the rivers.",
+    "Some of the water turns into vapour and rises into the air.",
+    "High above the ground the vapour cools down and forms clouds.",
+    "The water cycle has four stages: evaporation, condensation, precipitation and collection.",
+    "When the drops in a cloud grow heavy, they fall as rain or snow.",
+    "Rain runs into streams and rivers, and the rivers carry it back to the sea.",
+    "Some of it soaks into the ground, where plants drink it through their roots.",
+    "Then the sun warms the water again, and the whole cycle starts over.",
+    "Without this cycle there would be no fresh water for people, animals or plants.",
+)
+
+
+def passage(sentences: tuple[str, ...], voice: str = "en", pause: float = 0.6) -> np.ndarray:
+    """`sentences` spoken one after another by espeak-ng with `pause` seconds of silence after each,
+    as float32 mono samples at 16 kHz."""
+    return np.concatenate([part for s in sentences for part in (speak(s, voice), silence(pause))])

@@ -4,12 +4,14 @@ the openai SDK is the client, and the audio is made here with PyAV."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -23,16 +25,18 @@ from appliance.errors import APIError
 from appliance.stt import LANGUAGES, SpeechEngine
 from tests.harness import REPO, Gateway, clean_env
 from tests.openapi import validate
-from tests.stt_audio import CONTAINERS, make_audio
+from tests.real_speech import WATER_CYCLE, passage, wav_bytes, word_error_rate, words
+from tests.stt_audio import CONTAINERS, declare_flac_samples, make_audio, silent_flac, wav_with_channels
 from tests.stt_gateway import start_stt_gateway
 from tests.whisper_model import build_tiny_whisper
 
 MAX_SECONDS = 100
+TINY = "whisper-tiny-random"  # the public name a gateway gives the model in `.../tiny-random`
 
 
 @pytest.fixture(scope="session")
 def whisper_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_whisper(tmp_path_factory.mktemp("whisper"))
+    return build_tiny_whisper(tmp_path_factory.mktemp("whisper") / "tiny-random")
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +95,7 @@ def test_json_validates_and_reports_duration_usage(client, wav):
 
 def test_verbose_json_duration_matches_input_and_validates(client, wav):
     r = client.audio.transcriptions.with_raw_response.create(
-        model="whisper-large-v3", file=wav, response_format="verbose_json", language="en"
+        model=TINY, file=wav, response_format="verbose_json", language="en"
     )
     body = r.http_response.json()
     validate("CreateTranscriptionResponseVerboseJson", body)
@@ -152,6 +156,24 @@ def test_streaming_sends_deltas_then_done(client):
     assert len(deltas) == 3 and all(e["type"] == "transcript.text.delta" for e in deltas)
     assert done["type"] == "transcript.text.done"
     assert done["text"] == "".join(e["delta"] for e in deltas).strip()
+    assert (
+        done["usage"]["type"] == "tokens" and done["usage"]["input_token_details"]["audio_tokens"] == 65 * 50
+    )
+    assert (
+        done["usage"]["total_tokens"] == done["usage"]["input_tokens"] + done["usage"]["output_tokens"] > 3250
+    )
+
+
+@pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")
+def test_translation_streams_too(client, wav):
+    stream = client.audio.translations.with_raw_response.create(
+        model="whisper-1", file=wav, extra_body={"stream": True}
+    )
+    assert stream.headers["content-type"].startswith("text/event-stream")
+    events = [json.loads(line[6:]) for line in stream.http_response.text.split("\n\n") if line]
+    for event in events:
+        validate("CreateTranscriptionResponseStreamEvent", event)
+    assert [e["type"] for e in events][-1] == "transcript.text.done" and len(events) >= 2
 
 
 def test_streaming_wire_format_is_server_sent_events(gw, wav):
@@ -290,7 +312,7 @@ def test_truncated_file_is_400(client, kind):
     assert "truncated" in error["message"] or "damaged" in error["message"]
 
 
-@pytest.mark.parametrize("kind", ["flac", "mp3", "webm"])
+@pytest.mark.parametrize("kind", ["flac", "mp3", "webm", "wav", "ogg"])
 def test_file_cut_in_half_says_truncated(client, kind):
     name, data = make_audio(kind, 6.0)
     with pytest.raises(openai.BadRequestError) as exc:
@@ -374,18 +396,19 @@ def test_audio_and_transcripts_stay_out_of_logs_and_off_disk(gw, client):
     logs = gw.logs()
     assert text.strip() and text.strip() not in logs
     assert "Detected language" not in logs
-    assert '"model":"whisper-large-v3","target":"local"' in logs
+    assert f'"model":"{TINY}","target":"local"' in logs
     assert list(Path(gw.env["TMPDIR"]).iterdir()) == []
 
 
 def test_models_list_and_readyz_show_speech_to_text(gw, client):
     names = {m.id for m in client.models.list()}
-    assert {"whisper-large-v3", "whisper-1"} <= names
+    assert {TINY, "whisper-1"} <= names and "whisper-large-v3" not in names
     stt = gw.readyz().json()["checks"]["stt"]
     assert stt == {
         "ready": True,
         "state": "ready",
         "model": gw.env["APPLIANCE_STT_MODEL"],
+        "name": TINY,
         "device": "cpu",
         "compute_type": "int8",
     }
@@ -452,7 +475,7 @@ def test_engine_answers_503_loading_until_its_model_is_in(whisper_dir):
         engine.require_ready()
     assert (exc.value.status, exc.value.code) == (503, "loading")
     assert exc.value.headers == {"retry-after": "5"}
-    assert engine.status() == {"ready": False, "state": "loading", "model": str(whisper_dir)}
+    assert engine.status() == {"ready": False, "state": "loading", "model": str(whisper_dir), "name": TINY}
     engine.load()
     engine.require_ready()
     assert engine.status()["ready"]
@@ -485,3 +508,201 @@ def test_past_the_pending_cap_new_requests_get_a_429_not_a_queue(whisper_dir, tm
         assert busy.json()["error"]["code"] == "busy" and busy.headers["retry-after"] == "2"
     finally:
         gateway.stop()
+
+
+# What an upload may cost.
+
+
+def gateway_usage(gw: Gateway) -> tuple[float, int]:
+    """CPU seconds the gateway process has used, and its resident memory in bytes."""
+    pid = gw.proc.pid
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    rss = next(
+        int(line.split()[1])
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        if line.startswith("VmRSS:")
+    )
+    return cpu, rss * 1024
+
+
+BOMBS = {
+    # 29 min of silence in 320 KB (under the 30 min cap): more than a recording of that size could hold.
+    "silence": (lambda: silent_flac(29 * 60), "invalid_audio", "more audio than its size allows"),
+    "192 kHz": (lambda: silent_flac(10, 192000, "7.1"), "invalid_audio", "192000 Hz"),
+    "16 channels": (lambda: wav_with_channels(16), "invalid_audio", "16 channels"),
+    "declares 1 h": (lambda: declare_flac_samples(silent_flac(10), 3600 * 16000), "audio_too_long", "1800 s"),
+}
+
+
+def test_audio_bombs_are_refused_before_they_cost_cpu_or_memory(tmp_path, whisper_dir, wav):
+    gw = start_stt_gateway(tmp_path, "bombs", APPLIANCE_STT_MODEL=str(whisper_dir))  # 1800 s cap
+    try:
+        client = gw.client(timeout=60, max_retries=0)
+        assert client.audio.transcriptions.create(model="whisper-1", file=wav).text  # warm
+        cpu_before, rss_before = gateway_usage(gw)
+        for name, (make, code, words) in BOMBS.items():
+            with ThreadPoolExecutor(8) as pool:
+                errors = list(pool.map(partial(_refusal, client), [make()] * 8))
+            for error in errors:
+                assert error["code"] == code and words in error["message"], (name, error)
+        cpu_after, rss_after = gateway_usage(gw)
+        # Before: 10 CPU seconds for each 192 kHz bomb, 3.8 for the silence, and +425 MB held after.
+        assert cpu_after - cpu_before < 3.0, f"{cpu_after - cpu_before:.1f} CPU seconds for 32 bombs"
+        assert rss_after - rss_before < 100 * 1024 * 1024, f"+{(rss_after - rss_before) >> 20} MB"
+    finally:
+        gw.stop()
+
+
+def _refusal(client: openai.OpenAI, data: bytes) -> dict:
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.audio.transcriptions.create(model="whisper-1", file=("bomb.flac", data))
+    return assert_error(exc.value, 400, exc.value.body["code"], "file")
+
+
+def test_a_stream_holds_its_admission_slot_until_it_ends(whisper_dir, tmp_path, wav):
+    gw = start_stt_gateway(
+        tmp_path,
+        "stream-cap",
+        APPLIANCE_STT_MODEL=str(whisper_dir),
+        APPLIANCE_STT_VAD="false",
+        APPLIANCE_STT_MAX_PENDING="1",
+        APPLIANCE_STT_WORKERS="1",
+    )
+    try:
+        long = make_audio("wav", 600.0)  # twenty windows: the stream runs while the second request comes
+        with gw.http(timeout=120) as http:
+            fields = {"model": "whisper-1", "stream": "true"}
+            with http.stream("POST", "/v1/audio/transcriptions", files={"file": long}, data=fields) as first:
+                assert first.status_code == 200
+                lines = first.iter_lines()
+                assert next(line for line in lines if line).startswith("data: ")
+                second = http.post(
+                    "/v1/audio/transcriptions", files={"file": wav}, data={"model": "whisper-1"}
+                )
+                rest = list(lines)
+            assert second.status_code == 429 and second.json()["error"]["code"] == "busy"
+            assert '"transcript.text.done"' in rest[-2]
+            # The slot is free again once the stream has ended.
+            third = http.post("/v1/audio/transcriptions", files={"file": wav}, data={"model": "whisper-1"})
+            assert third.status_code == 200
+    finally:
+        gw.stop()
+
+
+# Which model is loaded.
+
+
+@pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")
+def test_english_only_model_refuses_other_languages_and_translation(tmp_path_factory, tmp_path, wav):
+    model = build_tiny_whisper(tmp_path_factory.mktemp("models") / "tiny-random.en", english_only=True)
+    gw = start_stt_gateway(tmp_path, "english", APPLIANCE_STT_MODEL=str(model))
+    try:
+        client = gw.client(max_retries=0)
+        assert {"whisper-tiny-random.en", "whisper-1"} <= {m.id for m in client.models.list()}
+        verbose = client.audio.transcriptions.create(
+            model="whisper-tiny-random.en", file=wav, language="en", response_format="verbose_json"
+        )
+        assert verbose.language == "english"
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.audio.transcriptions.create(model="whisper-1", file=wav, language="de")
+        assert "English-only" in assert_error(exc.value, 400, None, "language")["message"]
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.audio.translations.create(model="whisper-1", file=wav)
+        assert "cannot translate" in assert_error(exc.value, 400, None, "model")["message"]
+    finally:
+        gw.stop()
+
+
+def test_model_directory_without_preprocessor_config_is_complete(tmp_path, whisper_dir):
+    converted = tmp_path / "faster-whisper-small"
+    converted.mkdir()
+    for file in whisper_dir.iterdir():
+        if file.name != "preprocessor_config.json":
+            (converted / file.name).write_bytes(file.read_bytes())
+    verify = subprocess.run(
+        [sys.executable, "-m", "appliance", "models", "verify", str(converted)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=clean_env(),
+    )
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+# Real speech: the packaged Whisper base model hears espeak-ng, as a school's gateway hears a pupil.
+
+GERMAN = ("Die Kinder spielen im Garten.", "Morgen fahren wir mit dem Zug in die Stadt.")
+
+
+@pytest.fixture(scope="module")
+def real_gw(real_whisper_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """A gateway on the real model with the shipped defaults (VAD on, batch 8, 30 min cap)."""
+    gateway = start_stt_gateway(
+        tmp_path_factory.mktemp("real"), "real", APPLIANCE_STT_MODEL=str(real_whisper_dir)
+    )
+    yield gateway
+    gateway.stop()
+
+
+@pytest.fixture(scope="module")
+def water_cycle() -> tuple[str, bytes]:
+    """About 53 s of speech: two 30 s windows, with the phrase the batched pipeline once dropped."""
+    return "water-cycle.wav", wav_bytes(passage(WATER_CYCLE))
+
+
+def assert_phrases_heard(text: str) -> None:
+    """The phrases lost at window edges before (batched decoding with timestamps) are all there."""
+    heard = " ".join(words(text))
+    phrases = ("the water cycle has four stages", "rain or snow", "rain runs into streams", "fresh water")
+    for phrase in phrases:
+        assert phrase in heard, text
+
+
+def test_real_speech_over_30_s_loses_no_words(real_gw, water_cycle):
+    client = real_gw.client(timeout=300, max_retries=0)
+    assert {"whisper-base", "whisper-1"} <= {m.id for m in client.models.list()}
+    reference = " ".join(WATER_CYCLE)
+    text = client.audio.transcriptions.create(model="whisper-base", file=water_cycle, language="en").text
+    assert word_error_rate(reference, text) <= 0.15, text
+    assert_phrases_heard(text)
+    verbose = client.audio.transcriptions.create(
+        model="whisper-1",
+        file=water_cycle,
+        response_format="verbose_json",
+        timestamp_granularities=["word", "segment"],
+    )
+    assert verbose.language == "english" and verbose.duration > 50
+    assert word_error_rate(reference, verbose.text) <= 0.15, verbose.text
+    assert_phrases_heard(verbose.text)
+    assert verbose.segments[-1].end > 45
+    starts = [w.start for w in verbose.words]
+    assert starts == sorted(starts) and starts[-1] > 45
+
+
+def test_streamed_text_arrives_while_the_rest_is_decoded(real_gw, water_cycle):
+    fields = {"model": "whisper-1", "stream": "true", "language": "en"}
+    arrivals: list[tuple[float, dict]] = []
+    with real_gw.http(timeout=300) as http:
+        started = time.perf_counter()
+        with http.stream("POST", "/v1/audio/transcriptions", files={"file": water_cycle}, data=fields) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line:
+                    arrivals.append((time.perf_counter() - started, json.loads(line.removeprefix("data: "))))
+    *deltas, (done_at, done) = arrivals
+    validate("CreateTranscriptionResponseStreamEvent", done)
+    assert len(deltas) >= 3 and done["type"] == "transcript.text.done"
+    assert word_error_rate(" ".join(WATER_CYCLE), done["text"]) <= 0.15, done["text"]
+    # The first window's text comes before the second window is decoded, not with the rest at the end.
+    first_at = deltas[0][0]
+    assert first_at < 0.75 * done_at, [round(t, 2) for t, _ in arrivals]
+
+
+def test_real_speech_language_is_detected(real_gw):
+    clip = ("satz.wav", wav_bytes(passage(GERMAN, voice="de")))
+    verbose = real_gw.client(timeout=120).audio.transcriptions.create(
+        model="whisper-1", file=clip, response_format="verbose_json"
+    )
+    assert verbose.language == "german"
+    assert word_error_rate(" ".join(GERMAN), verbose.text) <= 0.4, verbose.text
