@@ -7,7 +7,7 @@ reading, so an oversized file is refused without being buffered whole. Audio nev
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
@@ -110,8 +110,18 @@ class TranscriptStream(StreamingResponse):
     release: Callable[[], None] = staticmethod(lambda: None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.body_iterator = self._releasing(self.body_iterator)
         try:
             await super().__call__(scope, receive, send)
+        finally:  # the client went away, or the stream never started
+            self.release()
+
+    async def _releasing(self, events: AsyncIterable[str | bytes]) -> AsyncIterator[str | bytes]:
+        # Free the slot with the last event, before the body's end reaches the client: a client that
+        # sends its next request at once must find the slot free.
+        try:
+            async for event in events:
+                yield event
         finally:
             self.release()
 

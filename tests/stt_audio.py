@@ -74,6 +74,21 @@ def declare_flac_samples(data: bytes, total: int) -> bytes:
     return data[:offset] + struct.pack(">Q", packed) + data[offset + 8 :]
 
 
+def pad_flac(data: bytes, size: int) -> bytes:
+    """`data` (a FLAC file) with a PADDING metadata block of `size` bytes after its STREAMINFO."""
+    streaminfo_end = 4 + 4 + 34
+    last = data[4] & 0x80  # STREAMINFO was the last metadata block: the padding is now
+    header = bytes([0x01 | last]) + size.to_bytes(3, "big")
+    return (
+        data[:4]
+        + bytes([data[4] & 0x7F])
+        + data[5:streaminfo_end]
+        + header
+        + bytes(size)
+        + data[streaminfo_end:]
+    )
+
+
 def wav_with_channels(channels: int, seconds: float = 1.0, rate: int = 16000) -> bytes:
     buf = io.BytesIO()
     with wave.open(buf, "wb") as w:

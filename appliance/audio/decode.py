@@ -23,7 +23,11 @@ _WAV_SHORTFALL_SECONDS = 0.1  # a WAV header states its data size exactly
 # (surround, 96 kHz studio audio) and refuse the rest before a frame is decoded.
 MAX_CHANNELS = 8
 MAX_SAMPLE_RATE = 96000
-MIN_BYTES_PER_SECOND = 250  # 2 kbit/s; the leanest speech codecs recorders use take 4.75 and more
+# No codec a recorder uses packs a second of audio into fewer bytes than this (2 kbit/s; the leanest
+# speech codecs take 4.75 and more), nor more samples into a byte than this (Opus at 6 kbit/s: 64 a
+# byte at 48 kHz). Decoding costs by the source's samples: 8 channels at 96 kHz must bring their bytes.
+MIN_BYTES_PER_SECOND = 250
+MAX_SAMPLES_PER_BYTE = 400
 SUPPORTED = "flac, m4a, mp3, mp4, mpeg, mpga, oga, ogg, opus, wav or webm"
 
 
@@ -115,9 +119,9 @@ def _budget(
         )
     if cap is not None and declared is not None and declared > cap + _SHORTFALL_SECONDS:
         raise _too_long(cap)
-    # No codec a recorder uses packs a second of audio into fewer bytes than this; a file that claims
-    # to is a decompression bomb (an 11 KB FLAC can declare half an hour of silence).
-    justified = size / MIN_BYTES_PER_SECOND
+    # A file that claims more audio than its bytes could carry is a decompression bomb (an 11 KB FLAC
+    # can declare half an hour of silence).
+    justified = size / max(MIN_BYTES_PER_SECOND, rate * channels / MAX_SAMPLES_PER_BYTE)
     if declared is not None and declared > justified:
         raise _implausible(size, declared)
     if cap is not None and cap <= justified:
