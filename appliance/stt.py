@@ -6,15 +6,17 @@ Nothing here logs or stores what was said.
 
 Long audio (over one 30 s window) takes one of two paths, chosen by measurement (`tests/bench/stt_long.py`,
 README): faster-whisper's batched pipeline loses whole phrases at window edges when it predicts segment
-timestamps, and loses nothing without them, so it runs only where the caller needs the text (and word
-times) but not segment timestamps; everything else, and every stream, goes window after window through
-`WhisperModel.transcribe`, which yields each segment as soon as its window is decoded.
+timestamps or cuts fixed windows (VAD off), and loses nothing on VAD's speech without timestamps, so it
+runs only with VAD on where the caller needs the text (and word times) but not segment timestamps;
+everything else, and every stream, goes window after window through `WhisperModel.transcribe`, which
+yields each segment as soon as its window is decoded.
 
 For other features (live dictation), the engine's public calls are:
 - `SpeechEngine.segments(samples, options)`: in the calling (worker) thread, the language and a lazy
   iterator of `Segment`s for 16 kHz mono float32 samples;
 - `SpeechEngine.stream(samples, options)`: the same on the engine's pool, as an async iterator;
-- `SpeechEngine.check(options)`: the 400 for options the loaded model cannot serve.
+- `SpeechEngine.require_ready()`, then `SpeechEngine.check(options)`: the 503 while no model can serve,
+  and the 400 for options the loaded model cannot serve (an English-only model asked for German).
 """
 
 from __future__ import annotations
