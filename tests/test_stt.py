@@ -600,6 +600,21 @@ def test_a_stream_holds_its_admission_slot_until_it_ends(whisper_dir, tmp_path, 
             # The slot is free again once the stream has ended.
             third = http.post("/v1/audio/transcriptions", files={"file": wav}, data={"model": "whisper-1"})
             assert third.status_code == 200
+        # A client that leaves mid-stream frees the slot too.
+        path = "/v1/audio/transcriptions"
+        with (
+            gw.http(timeout=120) as http,
+            http.stream("POST", path, files={"file": long}, data=fields) as left,
+        ):
+            assert next(line for line in left.iter_lines() if line).startswith("data: ")
+        with gw.http(timeout=120) as http:
+            deadline = time.monotonic() + 30
+            while True:
+                r = http.post(path, files={"file": wav}, data={"model": "whisper-1"})
+                if r.status_code != 429 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            assert r.status_code == 200, "the slot of a stream whose client left was never freed"
     finally:
         gw.stop()
 
