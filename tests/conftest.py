@@ -7,6 +7,7 @@ import pytest
 
 from tests.harness import CLIENT_KEY, BackgroundLoop, Gateway, clean_env
 from tests.real_speech import whisper_base
+from tests.sims.magpie_nim import MagpieNIM
 from tests.sims.openai_upstream import OpenAIUpstream
 
 
@@ -64,5 +65,14 @@ def local_llm(bg_loop: BackgroundLoop) -> Iterator[OpenAIUpstream]:
 def cloud_llm(bg_loop: BackgroundLoop) -> Iterator[OpenAIUpstream]:
     """A simulated NVIDIA cloud NIM endpoint that accepts CLOUD_KEY."""
     sim = bg_loop.run(OpenAIUpstream("cloud", CLOUD_MODELS, api_key=CLOUD_KEY).start())
+    yield sim
+    bg_loop.run(sim.stop())
+
+
+@pytest.fixture
+def magpie(bg_loop: BackgroundLoop) -> Iterator[MagpieNIM]:
+    """A simulated MagpieTTS NIM with its default voices and timing."""
+    sim = MagpieNIM()
+    bg_loop.run(sim.start())
     yield sim
     bg_loop.run(sim.stop())

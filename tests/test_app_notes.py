@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import CLOUD_KEY
-from tests.sims.magpie_nim import MagpieNIM
 
 TIER1 = "nvidia/nemotron-mini-4b-instruct"
 LOCAL_TIER1 = "nvidia/NVIDIA-Nemotron-3-Nano-4B-FP8"
@@ -28,14 +27,6 @@ def test_model_in_an_answer_is_the_model_that_served_it(start_gateway, local_llm
     local_llm.fail("503")
     cloud = client.chat.completions.with_raw_response.create(model=TIER1, messages=MESSAGES)
     assert (cloud.headers["x-appliance-target"], cloud.parse().model) == ("cloud", TIER1)  # the cloud's id
-
-
-@pytest.fixture
-def magpie(bg_loop):
-    sim = MagpieNIM()
-    bg_loop.run(sim.start())
-    yield sim
-    bg_loop.run(sim.stop())
 
 
 def test_speech_is_audio_bytes_not_json(start_gateway, magpie):

@@ -11,7 +11,6 @@ import pytest
 
 from tests.conftest import CLOUD_KEY, CLOUD_MODELS
 from tests.harness import clean_env, run_appliance
-from tests.sims.magpie_nim import MagpieNIM
 from tests.sims.nvml import FAKE_DIR, write_config
 from tests.whisper_model import build_tiny_whisper
 
@@ -19,14 +18,6 @@ from tests.whisper_model import build_tiny_whisper
 @pytest.fixture(scope="module")
 def whisper_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_whisper(tmp_path_factory.mktemp("whisper"))
-
-
-@pytest.fixture
-def magpie(bg_loop):
-    sim = MagpieNIM()
-    bg_loop.run(sim.start())
-    yield sim
-    bg_loop.run(sim.stop())
 
 
 @pytest.fixture

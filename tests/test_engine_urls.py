@@ -11,18 +11,9 @@ import openai
 import pytest
 
 from tests.conftest import CLOUD_KEY
-from tests.sims.magpie_nim import MagpieNIM
 
 TIER1 = "nvidia/nemotron-mini-4b-instruct"
 MESSAGES = [{"role": "user", "content": "Chek my sentense please."}]
-
-
-@pytest.fixture
-def magpie(bg_loop):
-    sim = MagpieNIM()
-    bg_loop.run(sim.start())
-    yield sim
-    bg_loop.run(sim.stop())
 
 
 def local_check(gw) -> dict:
