@@ -25,6 +25,7 @@ class Route:
     local: tuple[str, ...] = ()  # catalog model ids, in order of preference
     cloud: str | None = None  # NVIDIA cloud model id, if the cloud serves it
     cpu: str | None = None  # catalog model id that serves it on a machine without a GPU, if any
+    cloud_context: int | None = None  # the cloud model's context length in tokens, where known
     # Request fields a local engine gets when the client did not set them (e.g. reasoning off for a
     # quick-answer tier served by a reasoning model).
     local_defaults: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
@@ -79,6 +80,7 @@ def parse_catalog(data: dict[str, Any]) -> Catalog:
             local=tuple(r.get("local", ())),
             cloud=r.get("cloud"),
             cpu=r.get("cpu"),
+            cloud_context=r.get("cloud_context"),
             local_defaults=r.get("local_defaults", {}),
         )
         for r in data.get("route", [])

@@ -3,15 +3,19 @@
 The hot path. The request body is parsed once (to check it and rewrite `model` per target) and the
 response is passed through as bytes, touched only to add the second name of reasoning text, or to
 read token counts for the log. A stream is relayed event by event as it arrives, never buffered.
-Failover happens only before the first byte reaches the client.
+Before the first byte reaches the client a failing target is retried (local blips) or failed over;
+after it, a stream that breaks off is carried on by a target that can continue from a prefix
+(appliance.continuation), or ends with the error in-band.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import random
+import re
 from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -19,6 +23,9 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope
 
 from appliance.app import AppState
+from appliance.catalog import Route
+from appliance.continuation import Prefix, Stitch, continuation_body
+from appliance.continuation import refusal as continuation_refusal
 from appliance.errors import APIError, bad_request, error_body
 from appliance.limits import read_body
 from appliance.log import event
@@ -26,7 +33,8 @@ from appliance.metrics import FALLBACKS, UPSTREAM_FAILURES
 from appliance.middleware import RequestContext, request_context
 from appliance.responses import EventStreamResponse, JSONBytesResponse
 from appliance.routing import Attempt, LLMRouter, Target, parse_retry_after
-from appliance.upstream_http import ReadTimeout, UpstreamError, UpstreamResponse
+from appliance.sse import ERROR_KEY, EventSplitter, is_error, json_of, split_at_error
+from appliance.upstream_http import ConnectionLost, ReadTimeout, UpstreamError, UpstreamResponse
 
 NUMBER = (int, float)
 # Types of the fields the gateway checks itself; the engine validates the rest.
@@ -50,21 +58,76 @@ FIELD_TYPES: dict[str, tuple[type, ...]] = {
 }
 REQUIRED = {"chat/completions": "messages", "completions": "prompt"}
 REASONING_KEY = b'"reasoning'  # the start of both names: "reasoning" and "reasoning_content"
+DONE_EVENT = b"data: [DONE]"
+LOCAL_RETRY_PAUSE = (0.05, 0.25)  # seconds, drawn at random so retries of many requests do not align
+# A 400 that says the prompt does not fit: OpenAI's code, vLLM's messages (prompt, or prompt + max_tokens).
+CONTEXT_EXCEEDED = re.compile(rb"context_length_exceeded|maximum context length|maximum model length", re.I)
+CONTEXT_LIMIT = re.compile(rb"maximum (?:context|model) length (?:is|of) (\d+)", re.I)
+KEY_LIKE = re.compile(r"nvapi-[A-Za-z0-9_\-]+")  # NVIDIA key format, kept out of logged error text
+DETAIL_CHARS = 300
 
 
 class UpstreamFailure(Exception):
-    """A target failed before the first byte reached the client: try the next one."""
+    """A target failed before the first byte reached the client (or while continuing a stream): try
+    the next one."""
 
-    def __init__(self, reason: str, status: int | None = None, retry_after: float | None = None) -> None:
+    counts_against_target = True  # feeds the target's circuit breaker
+
+    def __init__(
+        self,
+        reason: str,
+        status: int | None = None,
+        retry_after: float | None = None,
+        *,
+        retry_here: bool = False,
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.status = status
         self.retry_after = retry_after
+        # A blip worth one more try on the same local engine: a 5xx, an error event, or a connection lost
+        # before the engine can have started on the request.
+        self.retry_here = retry_here
         self.target = ""  # set by the relay: which target failed
 
 
 class CloudKeyRejected(UpstreamFailure):
     pass
+
+
+class CloudModelGone(UpstreamFailure):
+    """The cloud no longer serves the model id in the catalog (404/410): the operator must act."""
+
+    counts_against_target = False  # the cloud itself works; other models may still be served
+
+    def __init__(self, reason: str, status: int, model: str) -> None:
+        super().__init__(reason, status)
+        self.model = model
+
+
+class ContextOverflow(Exception):
+    """The target's context is too short for the request; `response` is its 400, for the client."""
+
+    def __init__(self, response: ASGIApp, limit: int | None) -> None:
+        super().__init__("context length exceeded")
+        self.response = response
+        self.limit = limit  # the target's context length, where it said or is known
+
+
+class StreamBroken(Exception):
+    """A stream broke off after the client had part of it."""
+
+    def __init__(self, reason: str, *, retry_here: bool, error_event: bytes | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_here = retry_here  # the same local engine may be asked for the rest
+        self.error_event = error_event  # the engine's own in-band error, to pass on if nobody continues
+
+    def client_event(self) -> bytes:
+        if self.error_event is not None:
+            return self.error_event
+        message = f"The engine's stream broke off ({self.reason}); the answer is incomplete."
+        return b"data: " + error_body(message, "server_error", None, "stream_interrupted") + b"\n\n"
 
 
 def parse_request(raw: bytes, endpoint: str) -> dict[str, Any]:
@@ -114,49 +177,106 @@ def _check_messages(messages: list[Any]) -> None:
 
 
 @dataclass
+class LiveStream:
+    """A target's stream whose first event is in hand."""
+
+    attempt: Attempt
+    upstream: UpstreamResponse
+    pieces: AsyncIterator[bytes]
+    splitter: EventSplitter
+    first: bytes
+
+
+@dataclass
 class Relay:
     """One client request, tried against each target in turn."""
 
     state: AppState
     router: LLMRouter
+    route: Route
     endpoint: str
     body: dict[str, Any]
     ctx: RequestContext
-    retried: bool = False  # a 429's Retry-After was honoured once already
+    retried: bool = False  # retried or failed over already: the client's SDK should not retry on top
+    context_limit: int | None = None  # after a context-length 400: later targets must have more
+    continued_on: set[str] = field(default_factory=set)  # targets asked for the rest of a broken stream
+    first_token_timeout: float = 0.0  # streams only
+    idle_timeout: float = 0.0
+    deadline: float = 0.0  # streams: loop time by which the first event must be in
 
     @property
     def stream(self) -> bool:
         return self.body.get("stream") is True
 
     async def run(self, attempts: list[Attempt]) -> ASGIApp:
+        if self.stream:
+            self.first_token_timeout, self.idle_timeout = self.state.settings.stream_timeouts(self.route.name)
         failures: list[UpstreamFailure] = []
+        too_long: ContextOverflow | None = None
         for attempt in attempts:
             target = attempt.target
-            if not target.breaker.allows():  # opened meanwhile by other requests
+            if not target.breaker.allows() or not self._long_enough(attempt):  # breaker: opened meanwhile
                 continue
             headers = [(b"x-appliance-target", target.name.encode())]
-            if failures:
+            if failures or too_long:
                 headers.append((b"x-appliance-fallback", b"true"))
             try:
-                response = await self._try(attempt, headers)
+                response = await self._try_with_retry(attempt, headers)
+            except ContextOverflow as overflow:
+                if too_long is not None:
+                    return overflow.response  # a longer context was tried once; that is enough
+                too_long = overflow
+                self.context_limit = overflow.limit or self.router.context_length(self.route, attempt)
+                continue
             except UpstreamFailure as failure:
-                failure.target = target.name
-                target.breaker.failure(failure.reason)
-                UPSTREAM_FAILURES.labels(target.name).inc()
-                event(
-                    "upstream failed",
-                    request_id=self.ctx.request_id,
-                    target=target.name,
-                    reason=failure.reason,
-                )
+                self._failed(attempt, failure)
                 failures.append(failure)
                 continue
             target.breaker.success()
             self.ctx.target = target.name
-            if failures:
+            if failures or too_long:
                 FALLBACKS.labels(self.ctx.model).inc()
             return response
+        if too_long is not None:
+            return too_long.response
         raise self._exhausted(failures, self.retried or len(failures) > 1)
+
+    def _long_enough(self, attempt: Attempt) -> bool:
+        if self.context_limit is None:
+            return True
+        length = self.router.context_length(self.route, attempt)
+        return length is None or length > self.context_limit
+
+    async def _try_with_retry(self, attempt: Attempt, headers: list[tuple[bytes, bytes]]) -> ASGIApp:
+        """A blip on the local engine is tried once more there, after a short jittered pause, before
+        anything goes elsewhere: pupils' text should not leave the box for a hiccup."""
+        try:
+            return await self._try(attempt, headers)
+        except UpstreamFailure as failure:
+            if not failure.retry_here or attempt.target.is_cloud:
+                raise
+            failure.target = attempt.target.name
+            self._log_failure(failure, retrying=True)
+            self.retried = True
+        await asyncio.sleep(random.uniform(*LOCAL_RETRY_PAUSE))
+        return await self._try(attempt, headers)
+
+    def _failed(self, attempt: Attempt, failure: UpstreamFailure) -> None:
+        failure.target = attempt.target.name
+        if failure.counts_against_target:
+            attempt.target.breaker.failure(failure.reason)
+        self._log_failure(failure)
+
+    def _log_failure(self, failure: UpstreamFailure, retrying: bool = False) -> None:
+        UPSTREAM_FAILURES.labels(failure.target).inc()
+        fields = {"retrying": True} if retrying else {}
+        event(
+            "upstream failed",
+            request_id=self.ctx.request_id,
+            target=failure.target,
+            reason=failure.reason,
+            **fields,
+        )
 
     def _exhausted(self, failures: list[UpstreamFailure], retried: bool) -> APIError:
         headers = {"x-should-retry": "false"} if retried else {}
@@ -167,6 +287,17 @@ class Relay:
                 "rejected. The appliance operator must update NVIDIA_NIM_API_KEY.",
                 type="server_error",
                 code="cloud_key_rejected",
+                headers=headers,
+            )
+        gone = next((f for f in failures if isinstance(f, CloudModelGone)), None)
+        if gone is not None:
+            return APIError(
+                503,
+                f"'{self.ctx.model}' cannot be served now: the local engine failed and NVIDIA's cloud "
+                f"no longer serves the model '{gone.model}' (HTTP {gone.status}). The appliance operator "
+                "must update the model's cloud id in the model catalog.",
+                type="server_error",
+                code="cloud_model_unavailable",
                 headers=headers,
             )
         if failures and all(f.status == 429 for f in failures):
@@ -189,23 +320,27 @@ class Relay:
         hand."""
         body = {**attempt.defaults, **self.body} if attempt.defaults else self.body
         body["model"] = attempt.model
-        upstream = await self._send(attempt.target, orjson.dumps(body))
+        upstream = await self._send(attempt, orjson.dumps(body))
         if upstream.status >= 400:
-            return await self._client_error(upstream, headers)
+            return await self._client_error(attempt, upstream, headers)
         if self.stream:
-            return await self._start_stream(upstream, headers)
+            stream = await self._open_stream(attempt, upstream)
+            return EventStreamResponse(self._relay(stream), headers)
         return await self._whole(upstream, headers)
 
-    async def _send(self, target: Target, payload: bytes) -> UpstreamResponse:
-        """POST, honouring one short Retry-After on 429. Connection trouble, 5xx and 429 raise."""
+    async def _send(self, attempt: Attempt, payload: bytes) -> UpstreamResponse:
+        """POST, honouring one short Retry-After on 429. Connection trouble, 5xx, 429 and the cloud's
+        refusals of the key or the model raise."""
         settings = self.state.settings
-        timeout = settings.stream_idle_timeout if self.stream else settings.first_byte_timeout
+        target = attempt.target
+        timeout = self.first_token_timeout if self.stream else settings.first_byte_timeout
         waited = False  # per target: one short wait, then move on
         while True:
+            self.deadline = asyncio.get_running_loop().time() + timeout
             try:
                 resp = await target.pool.request("POST", self.endpoint, payload, timeout=timeout)
             except UpstreamError as exc:
-                raise UpstreamFailure(exc.reason) from None
+                raise UpstreamFailure(exc.reason, retry_here=_early_loss(exc)) from None
             if resp.status == 429:
                 resp.release()
                 wait = parse_retry_after(resp.headers.get("retry-after"))
@@ -216,7 +351,7 @@ class Relay:
                 raise UpstreamFailure("rate limited (429)", 429, wait if wait is not None else 0.0)
             if resp.status >= 500:
                 resp.release()
-                raise UpstreamFailure(f"HTTP {resp.status}", resp.status)
+                raise UpstreamFailure(f"HTTP {resp.status}", resp.status, retry_here=True)
             if target.is_cloud and resp.status in (401, 403):
                 resp.release()
                 event(
@@ -226,22 +361,51 @@ class Relay:
                     action="the NVIDIA NIM API key was rejected: update NVIDIA_NIM_API_KEY",
                 )
                 raise CloudKeyRejected(f"cloud key rejected (HTTP {resp.status})", resp.status)
+            if target.is_cloud and resp.status in (404, 410):
+                raise await self._cloud_model_gone(attempt, resp)
             return resp
 
-    async def _client_error(self, upstream: UpstreamResponse, headers: list[tuple[bytes, bytes]]) -> ASGIApp:
-        """A 4xx goes back to the client as it is, in OpenAI's shape if the engine used another."""
+    async def _cloud_model_gone(self, attempt: Attempt, resp: UpstreamResponse) -> CloudModelGone:
+        raw = await _read_whole(resp, "while reading an error")
+        event(
+            "cloud model unavailable",
+            level=40,
+            model=attempt.model,
+            status=resp.status,
+            detail=self._cloud_detail(raw),
+            action=f"NVIDIA's cloud no longer serves '{attempt.model}': update its cloud id in the catalog",
+        )
+        reason = f"cloud model '{attempt.model}' gone (HTTP {resp.status})"
+        return CloudModelGone(reason, resp.status, attempt.model)
+
+    def _cloud_detail(self, raw: bytes) -> str:
+        """NVIDIA's own words (`detail`, or an OpenAI-shaped message), short and without the key."""
+        detail = error_message(raw) or raw.decode("utf-8", "replace")
+        key = self.state.settings.nvidia_nim_api_key
+        if key is not None and key.get_secret_value():
+            detail = detail.replace(key.get_secret_value(), "[key]")
+        return KEY_LIKE.sub("[key]", detail)[:DETAIL_CHARS]
+
+    async def _client_error(
+        self, attempt: Attempt, upstream: UpstreamResponse, headers: list[tuple[bytes, bytes]]
+    ) -> ASGIApp:
+        """A 4xx goes back to the client as it is, in OpenAI's shape if the engine used another. A
+        context-length 400 raises ContextOverflow: a target with a longer context may take it."""
         raw = await _read_whole(upstream, "while reading an error")
         try:
             parsed = orjson.loads(raw)
         except orjson.JSONDecodeError:
             parsed = None
         if not (isinstance(parsed, dict) and isinstance(parsed.get("error"), dict)):
-            message = parsed.get("message") if isinstance(parsed, dict) else None
             raw = error_body(
-                str(message or f"The engine refused the request (HTTP {upstream.status})."),
+                error_message(raw) or f"The engine refused the request (HTTP {upstream.status}).",
                 "invalid_request_error",
             )
-        return JSONBytesResponse(raw, upstream.status, headers=headers)
+        response = JSONBytesResponse(raw, upstream.status, headers=headers)
+        if upstream.status == 400 and CONTEXT_EXCEEDED.search(raw):
+            limit = CONTEXT_LIMIT.search(raw)
+            raise ContextOverflow(response, int(limit.group(1)) if limit else None)
+        return response
 
     async def _whole(self, upstream: UpstreamResponse, headers: list[tuple[bytes, bytes]]) -> ASGIApp:
         raw = await _read_whole(upstream, "before the answer was complete")
@@ -254,42 +418,138 @@ class Relay:
             raw = orjson.dumps(data)
         return JSONBytesResponse(raw, headers=headers)
 
-    async def _start_stream(self, upstream: UpstreamResponse, headers: list[tuple[bytes, bytes]]) -> ASGIApp:
-        """Wait for the first event (failover is still possible until then), then relay the rest."""
-        pieces = upstream.pieces()
-        buffer = b""
+    # Streams.
+
+    async def _open_stream(self, attempt: Attempt, upstream: UpstreamResponse) -> LiveStream:
+        """Wait for the first event (failover is still possible until then) within the first-token
+        limit; an error as that first event is a failure like a 5xx."""
+        splitter, pieces = EventSplitter(), upstream.pieces()
+        loop = asyncio.get_running_loop()
+        events = b""
         try:
-            while b"\n\n" not in buffer:
-                buffer += await anext(pieces)
+            while not events:
+                upstream.timeout = max(0.001, self.deadline - loop.time())
+                events = splitter.feed(await anext(pieces))
         except StopAsyncIteration:
             upstream.release()
             raise UpstreamFailure("stream ended before the first event") from None
+        except ReadTimeout:
+            upstream.release()
+            raise UpstreamFailure(f"no first token within {self.first_token_timeout:g} s") from None
         except UpstreamError as exc:
             upstream.release()
-            raise UpstreamFailure(f"stream failed before the first event ({exc.reason})") from None
-        return EventStreamResponse(self._relay(upstream, pieces, buffer), headers)
+            raise UpstreamFailure(
+                f"stream failed before the first event ({exc.reason})", retry_here=_early_loss(exc)
+            ) from None
+        first = events.partition(b"\n\n")[0]
+        if ERROR_KEY in first and is_error(json_of(first)):
+            upstream.release()
+            raise UpstreamFailure("error event before the first token", retry_here=True)
+        upstream.timeout = self.idle_timeout
+        return LiveStream(attempt, upstream, pieces, splitter, events)
 
-    async def _relay(
-        self, upstream: UpstreamResponse, pieces: AsyncIterator[bytes], buffer: bytes
-    ) -> AsyncGenerator[bytes, None]:
-        try:
-            while True:
-                complete, _, buffer = buffer.rpartition(b"\n\n")
-                if complete:
-                    yield self._rewrite_events(complete + b"\n\n")
-                try:
-                    buffer += await anext(pieces)
-                except StopAsyncIteration:
-                    break
-            if buffer.strip():
-                yield self._rewrite_events(buffer)
-        except UpstreamError as exc:
-            reason = "stalled" if isinstance(exc, ReadTimeout) else "connection lost"
-            event("stream broken", request_id=self.ctx.request_id, target=self.ctx.target, reason=reason)
-            message = f"The engine's stream broke off ({reason}); the answer is incomplete."
-            yield b"data: " + error_body(message, "server_error", None, "stream_interrupted") + b"\n\n"
-        finally:
-            upstream.release()
+    async def _relay(self, stream: LiveStream) -> AsyncGenerator[bytes, None]:
+        """Relay events as they come. If the stream breaks off, carry the answer on elsewhere where a
+        target can, else end with the error in-band."""
+        sent: list[bytes] = []  # what the client has: the prefix to carry on from
+        stitch: Stitch | None = None
+        while True:
+            broken: StreamBroken | None = None
+            events: bytes | None = stream.first
+            done = False
+            try:
+                while events is not None:
+                    events, broken = _cut_at_error(events)
+                    if events:
+                        done = done or DONE_EVENT in events
+                        events = self._rewrite(events, stitch)
+                        if events:
+                            sent.append(events)
+                            yield events
+                    if broken is not None:
+                        break
+                    events = await _next_events(stream)
+                else:
+                    if not done:
+                        broken = StreamBroken("it ended before the answer was complete", retry_here=True)
+            except StreamBroken as exc:
+                broken = exc
+            finally:
+                stream.upstream.release()
+            if broken is None:
+                return
+            self._stream_failed(stream.attempt, broken)
+            prefix = Prefix.of(b"".join(sent), self.endpoint)
+            if prefix.finished:  # only the end of the stream was lost
+                yield DONE_EVENT + b"\n\n"
+                return
+            resumed = await self._resume(prefix, broken, stream.attempt)
+            if resumed is None:
+                yield broken.client_event()
+                return
+            stream, stitch = resumed
+
+    def _stream_failed(self, attempt: Attempt, broken: StreamBroken) -> None:
+        attempt.target.breaker.failure(broken.reason)
+        UPSTREAM_FAILURES.labels(attempt.target.name).inc()
+        target = attempt.target.name
+        event("stream broken", request_id=self.ctx.request_id, target=target, reason=broken.reason)
+
+    async def _resume(
+        self, prefix: Prefix, broken: StreamBroken, broken_attempt: Attempt
+    ) -> tuple[LiveStream, Stitch] | None:
+        """Ask the next target that can for the rest of the answer; None if none can."""
+        why_not = prefix.refusal or continuation_refusal(self.endpoint, self.body)
+        if why_not is not None:
+            event("stream not continued", request_id=self.ctx.request_id, reason=why_not)
+            return None
+        for attempt in self._continuation_attempts(broken_attempt.target, broken.retry_here):
+            self.continued_on.add(attempt.target.name)
+            body = continuation_body(self.endpoint, {**attempt.defaults, **self.body}, prefix)
+            body["model"] = attempt.model
+            try:
+                upstream = await self._send(attempt, orjson.dumps(body))
+                if upstream.status >= 400:  # it refuses the prefix: not a fault of the target
+                    await _read_whole(upstream, "while reading an error")
+                    event(
+                        "continuation refused",
+                        request_id=self.ctx.request_id,
+                        target=attempt.target.name,
+                        status=upstream.status,
+                    )
+                    continue
+                stream = await self._open_stream(attempt, upstream)
+            except UpstreamFailure as failure:
+                self._failed(attempt, failure)
+                continue
+            attempt.target.breaker.success()
+            event(
+                "stream continued",
+                request_id=self.ctx.request_id,
+                target=attempt.target.name,
+                after_tokens=prefix.tokens,
+            )
+            wants_usage = bool((self.body.get("stream_options") or {}).get("include_usage"))
+            return stream, Stitch(prefix, wants_usage, self._count_tokens)
+        return None
+
+    def _continuation_attempts(self, broken: Target, same_again: bool) -> list[Attempt]:
+        """The targets allowed now that can carry on a prefix, the ones after the broken target first;
+        each is asked once, and the broken one only after a cut (not a stall)."""
+        attempts = self.router.attempts(self.route)
+        after = next((i + 1 for i, a in enumerate(attempts) if a.target is broken), 0)
+        return [
+            a
+            for a in attempts[after:] + attempts[:after]
+            if a.target.continues_prefix
+            and a.target.name not in self.continued_on
+            and (same_again or a.target is not broken)
+        ]
+
+    def _rewrite(self, events: bytes, stitch: Stitch | None) -> bytes:
+        if stitch is not None:
+            events = stitch.rewrite(events)
+        return self._rewrite_events(events) if events else events
 
     def _rewrite_events(self, events: bytes) -> bytes:
         """Add the second name of reasoning deltas and read usage; untouched bytes pass through."""
@@ -309,9 +569,56 @@ class Relay:
         return b"\n".join(out)
 
     def _count_tokens(self, usage: Any) -> None:
+        """The request's usage as the client is told it (for a continued stream: the whole answer's).
+        The access log and the token metrics read it from the request context when the request ends."""
         if isinstance(usage, dict):
             self.ctx.prompt_tokens = usage.get("prompt_tokens")
             self.ctx.completion_tokens = usage.get("completion_tokens")
+
+
+def _early_loss(exc: UpstreamError) -> bool:
+    return isinstance(exc, ConnectionLost) and exc.early
+
+
+def _cut_at_error(events: bytes) -> tuple[bytes, StreamBroken | None]:
+    """The events to relay, and a break if the engine sent an error event among them."""
+    cut = split_at_error(events)
+    if cut is None:
+        return events, None
+    return cut[0], StreamBroken("the engine sent an error", retry_here=True, error_event=cut[1])
+
+
+async def _next_events(stream: LiveStream) -> bytes | None:
+    """The next whole events of a stream; None when it has ended. A stall or a cut raises."""
+    while True:
+        try:
+            piece = await anext(stream.pieces)
+        except StopAsyncIteration:
+            rest = stream.splitter.rest()
+            return rest + b"\n\n" if rest.strip() else None
+        except ReadTimeout:
+            raise StreamBroken("stalled", retry_here=False) from None
+        except UpstreamError:
+            raise StreamBroken("connection lost", retry_here=True) from None
+        events = stream.splitter.feed(piece)
+        if events:
+            return events
+
+
+def error_message(raw: bytes) -> str | None:
+    """The message of an error body in any of the engines' shapes: OpenAI's nested one, vLLM's older
+    flat one, NVIDIA's RFC 7807 `detail`."""
+    try:
+        parsed = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(parsed, dict):
+        return None
+    nested = parsed.get("error")
+    if isinstance(nested, dict) and nested.get("message"):
+        return str(nested["message"])
+    message = parsed.get("message") or parsed.get("detail")
+    return str(message) if message else None
 
 
 async def _read_whole(upstream: UpstreamResponse, when: str) -> bytes:
@@ -365,7 +672,7 @@ def install(app: FastAPI, state: AppState) -> None:
                 type="server_error",
                 code="upstream_unavailable",
             )
-        return await Relay(state, router, endpoint, body, ctx).run(attempts)
+        return await Relay(state, router, route, endpoint, body, ctx).run(attempts)
 
     for path, endpoint in (("/v1/chat/completions", "chat/completions"), ("/v1/completions", "completions")):
         state.add_fast_route(app, path, functools.partial(relay, endpoint=endpoint))

@@ -52,6 +52,9 @@ class ModelOverride(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     cloud_fallback: FallbackPolicy | None = None
+    # Stream limits for this model, over the global ones (a large reasoning model may need longer).
+    first_token_timeout: float | None = Field(default=None, gt=0)
+    stream_idle_timeout: float | None = Field(default=None, gt=0)
 
 
 def is_loopback_host(host: str | None) -> bool:
@@ -114,7 +117,10 @@ class Settings(BaseSettings):
     # Upstream timing (seconds) and resilience.
     connect_timeout: float = _env("APPLIANCE_CONNECT_TIMEOUT", 3.0, gt=0)
     first_byte_timeout: float = _env("APPLIANCE_FIRST_BYTE_TIMEOUT", 120.0, gt=0)
-    stream_idle_timeout: float = _env("APPLIANCE_STREAM_IDLE_TIMEOUT", 60.0, gt=0)
+    # Streams: the first event must come within first_token_timeout (failover is still possible until
+    # then), each later one within stream_idle_timeout (else the stream is continued elsewhere or ended).
+    first_token_timeout: float = _env("APPLIANCE_FIRST_TOKEN_TIMEOUT", 10.0, gt=0)
+    stream_idle_timeout: float = _env("APPLIANCE_STREAM_IDLE_TIMEOUT", 15.0, gt=0)
     retry_after_max: float = _env("APPLIANCE_RETRY_AFTER_MAX", 2.0, ge=0)
     breaker_failures: int = _env("APPLIANCE_BREAKER_FAILURES", 3, ge=1)
     breaker_probe_interval: float = _env("APPLIANCE_BREAKER_PROBE_INTERVAL", 5.0, gt=0)
@@ -217,6 +223,16 @@ class Settings(BaseSettings):
         if override is not None and override.cloud_fallback is not None:
             return override.cloud_fallback
         return self.cloud_fallback or kind_default
+
+    def stream_timeouts(self, public_name: str) -> tuple[float, float]:
+        """(first token, idle) limits in seconds for streams of one public model."""
+        override = self.models.get(public_name)
+        if override is None:
+            return self.first_token_timeout, self.stream_idle_timeout
+        return (
+            override.first_token_timeout or self.first_token_timeout,
+            override.stream_idle_timeout or self.stream_idle_timeout,
+        )
 
     @property
     def client_keys(self) -> list[str]:

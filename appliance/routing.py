@@ -36,6 +36,9 @@ class Target:
     name: str  # "local" or "cloud"
     pool: UpstreamPool  # its base URL (ends in /v1) and connections; requests carry the target's headers
     breaker: CircuitBreaker
+    # Can carry on an answer from a prefix (vLLM: `continue_final_message`). NVIDIA's hosted API
+    # documents no such option (its references ask for a user message last), so the cloud is not asked.
+    continues_prefix: bool = False
 
     @property
     def is_cloud(self) -> bool:
@@ -71,6 +74,7 @@ class LLMRouter:
         # Why APPLIANCE_LLM_URL answers but not as an OpenAI API (a URL without /v1, another service's
         # port); while set, the local target is skipped, as a failing engine would be.
         self.misconfigured: str | None = None
+        self.context: dict[str, int] = {}  # local model id -> its max_model_len, as vLLM reports it
         self.waiting: float | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -79,6 +83,7 @@ class LLMRouter:
             "local",
             UpstreamPool(settings.llm_url, json_headers, settings.connect_timeout),
             self._breaker("local", self._probe_local),
+            continues_prefix=True,
         )
         self.cloud: Target | None = None
         if settings.cloud_enabled:
@@ -127,6 +132,12 @@ class LLMRouter:
             return cloud + local
         return local + cloud
 
+    def context_length(self, route: Route, attempt: Attempt) -> int | None:
+        """The context length of a target's model for a route, where known."""
+        if attempt.target.is_cloud:
+            return route.cloud_context
+        return self.context.get(attempt.model)
+
     def attempts(self, route: Route) -> list[Attempt]:
         return [a for a in self.candidates(route) if a.target.breaker.allows()]
 
@@ -174,6 +185,7 @@ class LLMRouter:
         if served != self.served:
             event("local models", served=sorted(served))
         self.served = served
+        self.context = context_lengths(raw)
 
     def _url_problem(self, status: int) -> str:
         url = self.local.pool.base_url
@@ -206,9 +218,22 @@ class LLMRouter:
         return status == 200
 
     async def _probe_cloud(self) -> bool:
+        """The key must work, not only the host answer: NVIDIA's /v1/models answers 200 to anyone. A
+        chat request with no messages is authenticated first (a wrong key: 401/403) and then refused as
+        invalid (400/422) without generating anything."""
         assert self.cloud is not None
-        status, _ = await self.cloud.pool.get("models", PROBE_SECONDS)
-        return status == 200
+        probe = orjson.dumps({"model": self.cloud_probe_model, "messages": []})
+        async with asyncio.timeout(PROBE_SECONDS):
+            response = await self.cloud.pool.request("POST", "chat/completions", probe, timeout=PROBE_SECONDS)
+            try:
+                await response.read()
+            finally:
+                response.release()
+        return response.status in (200, 400, 422)
+
+    @property
+    def cloud_probe_model(self) -> str:
+        return next((r.cloud for r in self.catalog.routes_of_kind("llm") if r.cloud), "")
 
     def readiness(self) -> dict[str, object]:
         targets: dict[str, object] = {
@@ -236,6 +261,12 @@ def model_ids(raw: bytes) -> set[str] | None:
     if not isinstance(models, list) or not all(isinstance(m, dict) and "id" in m for m in models):
         return None
     return {m["id"] for m in models}
+
+
+def context_lengths(raw: bytes) -> dict[str, int]:
+    """Model id -> `max_model_len` from vLLM's model list (an OpenAI list with vLLM's extra field)."""
+    models = orjson.loads(raw)["data"]  # model_ids() has checked the shape
+    return {m["id"]: m["max_model_len"] for m in models if type(m.get("max_model_len")) is int}
 
 
 def waiting_requests(metrics_text: str) -> float | None:

@@ -25,6 +25,10 @@ PAUSE_ABOVE = 1 << 20
 # Idle connections are dropped before the engines' own keep-alive (uvicorn: 5 s) ends them, so a
 # request rarely meets a connection the other side has just closed.
 IDLE_SECONDS = 4.0
+# A connection lost this soon after the request was written was closed before the engine could have
+# read it (a keep-alive connection it had just ended): resending cannot start a generation twice. A
+# connection lost later may have carried a request the engine began to work on; it is never resent.
+EARLY_LOSS_SECONDS = 0.5
 
 
 class UpstreamError(Exception):
@@ -40,7 +44,16 @@ class ConnectFailed(UpstreamError):
 
 
 class ConnectionLost(UpstreamError):
-    pass
+    """The connection ended before the whole response was read."""
+
+    def __init__(self, reason: str, after: float = 0.0) -> None:
+        super().__init__(reason)
+        self.after = after  # seconds between writing the request and losing the connection
+
+    @property
+    def early(self) -> bool:
+        """Lost so soon that the engine cannot have started on the request."""
+        return self.after < EARLY_LOSS_SECONDS
 
 
 class ReadTimeout(UpstreamError):
@@ -55,6 +68,7 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.idle_since = 0.0
+        self.sent_at = 0.0
         self._reset()
 
     def _reset(self) -> None:
@@ -77,7 +91,7 @@ class _Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
-            self._fail(ConnectionLost("malformed HTTP response"))
+            self._fail(ConnectionLost("malformed HTTP response", self._since_sent()))
             self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -86,7 +100,8 @@ class _Connection(asyncio.Protocol):
             self.complete = True
             self._wake()
         elif not self.complete:
-            self._fail(ConnectionLost("connection reset" if self.head_done or exc else "connection closed"))
+            reason = "connection reset" if self.head_done or exc else "connection closed"
+            self._fail(ConnectionLost(reason, self._since_sent()))
 
     # httptools callbacks
 
@@ -121,7 +136,11 @@ class _Connection(asyncio.Protocol):
     def send(self, request: bytes) -> None:
         self._reset()
         assert self.transport is not None
+        self.sent_at = time.monotonic()
         self.transport.write(request)
+
+    def _since_sent(self) -> float:
+        return time.monotonic() - self.sent_at if self.sent_at else 0.0
 
     async def wait(self, timeout: float) -> None:
         """Until the parser has news (head, body, end) or `timeout` seconds pass without any."""
@@ -173,12 +192,12 @@ class _Connection(asyncio.Protocol):
 class UpstreamResponse:
     """A response whose head is in; read the body whole or piece by piece, then `release()`."""
 
-    __slots__ = ("_conn", "_pool", "_released", "_timeout", "headers", "status")
+    __slots__ = ("_conn", "_pool", "_released", "headers", "status", "timeout")
 
     def __init__(self, pool: UpstreamPool, conn: _Connection, timeout: float) -> None:
         self._pool = pool
         self._conn = conn
-        self._timeout = timeout
+        self.timeout = timeout  # seconds each wait for more of the body may take; the caller may change it
         self._released = False
         self.status = conn.status
         self.headers = conn.headers  # names in lower case
@@ -186,7 +205,7 @@ class UpstreamResponse:
     async def read(self) -> bytes:
         conn = self._conn
         while not conn.complete:
-            await conn.wait(self._timeout)
+            await conn.wait(self.timeout)
         return conn.take()
 
     async def pieces(self) -> AsyncIterator[bytes]:
@@ -198,7 +217,7 @@ class UpstreamResponse:
             elif conn.complete:
                 return
             else:
-                await conn.wait(self._timeout)
+                await conn.wait(self.timeout)
 
     def release(self) -> None:
         """Back to the pool if the response was read to its end; otherwise the connection is closed
@@ -228,8 +247,9 @@ class UpstreamPool:
 
     async def request(self, method: str, path: str, body: bytes = b"", *, timeout: float) -> UpstreamResponse:
         """Send a request; return once the response's head is in. `path` is relative to the base URL's
-        path unless it starts with '/'. A pooled connection found closed by the other side before any
-        response byte is replaced by a fresh one, once."""
+        path unless it starts with '/'. A pooled connection the other side closed as the request went
+        out (before it can have read it) is replaced by a fresh one, once; one closed after a longer
+        wait raises ConnectionLost, since the engine may have started on the request."""
         target = path if path.startswith("/") else f"{self.base_path}/{path}"
         length = b"content-length: %d\r\n" % len(body) if body or method != "GET" else b""
         request = b"%s %s HTTP/1.1\r\n%s%s\r\n%s" % (
@@ -247,9 +267,9 @@ class UpstreamPool:
             try:
                 while not conn.head_done:
                     await conn.wait(timeout)
-            except ConnectionLost:
+            except ConnectionLost as exc:
                 conn.close()
-                if not reused:
+                if not (reused and exc.early):
                     raise
                 conn, reused = await self._connect(), False
                 continue

@@ -1,10 +1,14 @@
 """Simulators of the two OpenAI-protocol upstreams: a local vLLM server and NVIDIA's cloud NIM.
 
 Real HTTP servers on loopback that follow the documented protocols: OpenAI request/response bodies,
-SSE framing (`data: {...}` events, `data: [DONE]`), vLLM's `/health`, `/v1/models` and Prometheus
-`/metrics`, the cloud's Bearer auth and `reasoning_content`, error bodies and `Retry-After`. Tests
-command failures with `fail(...)`: refuse connections, reset, 5xx, 429, slow or stalled answers, and
-streams that drop midway.
+SSE framing (`data: {...}` events, `data: [DONE]`), vLLM's `/health`, `/v1/models` (with
+`max_model_len`) and Prometheus `/metrics`, the cloud's Bearer auth and `reasoning_content`, error
+bodies and `Retry-After`. As today's vLLM does, the "vllm" flavor answers errors in OpenAI's nested
+shape, refuses `stream_options` without `stream`, and carries on a final assistant message with
+`continue_final_message`; the "cloud" flavor answers errors in NVIDIA's RFC 7807 shape, lists its
+models to anyone, and answers 410 for retired model ids. Tests command failures with `fail(...)`:
+refuse connections, reset (at once or after a wait), 5xx, 429, context-length and other 400s, slow
+answers or first tokens, stalls, streams that drop midway, and error events in a stream.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from aiohttp import web
 from tests.sims.server import LoopbackServer
 
 FAILURE = web.RequestKey("failure", object)
+STREAM_MODES = ("drop", "stall", "error_event", "slow_first_token")
+MAX_MODEL_LEN = 4096
 REPLY = "Your sentence is correct. Well done!"
 REASONING = "The user wants a check. The sentence has no errors."
 
@@ -29,11 +35,14 @@ REASONING = "The user wants a check. The sentence has no errors."
 class Failure:
     """One commanded failure. `times=None` lasts until `clear()`."""
 
-    mode: str  # "reset", "500", "503", "429", "slow", "stall", "drop", "401"
+    # Before the answer: "reset" (after `delay`), "500", "502", "503", "429", "400" (a refusal such as a
+    # content filter), "context" (prompt too long), "401", "slow" (`delay`), "stall".
+    # In a stream, at chunk `after_chunks`: "drop", "stall", "error_event", "slow_first_token" (`delay`).
+    mode: str
     times: int | None = None
     retry_after: str | None = None  # for 429
-    delay: float = 0.0  # for slow
-    after_chunks: int = 2  # for drop / stall in a stream
+    delay: float = 0.0  # for slow, slow_first_token and reset
+    after_chunks: int = 2  # for the in-stream modes
 
 
 @dataclass
@@ -61,6 +70,9 @@ class OpenAIUpstream(LoopbackServer):
         self.chunk_delay = 0.0
         self.healthy = True
         self.abandoned_streams = 0  # streams whose reader went away before the end
+        self.max_model_len = MAX_MODEL_LEN  # vllm: reported on /v1/models, enforced on prompts
+        self.retired: dict[str, int] = {}  # cloud: model id -> 404 or 410
+        self.sse_separator = b"\n\n"  # the SSE specification also allows \r\n\r\n and \r\r
 
     # Lifecycle (call through the test's BackgroundLoop).
 
@@ -105,17 +117,11 @@ class OpenAIUpstream(LoopbackServer):
     def _error(
         self, status: int, message: str, type_: str, headers: dict[str, str] | None = None
     ) -> web.Response:
-        if self.flavor == "cloud" and status in (401, 403):
-            # NVIDIA's API gateway answers auth failures in RFC 7807 shape, not OpenAI's.
-            body = {
-                "status": status,
-                "title": "Unauthorized" if status == 401 else "Forbidden",
-                "detail": message,
-            }
-        else:
+        if self.flavor == "cloud":
+            # NVIDIA's API gateway answers in RFC 7807 shape, not OpenAI's.
+            body: dict[str, Any] = {"status": status, "title": type_, "detail": message}
+        else:  # vLLM since v0.10.1: OpenAI's nested shape
             body = {"error": {"message": message, "type": type_, "param": None, "code": status}}
-            if self.flavor == "vllm":
-                body = {"object": "error", "message": message, "type": type_, "param": None, "code": status}
         return web.json_response(body, status=status, headers=headers)
 
     async def _read(self, request: web.Request) -> tuple[dict[str, Any] | None, web.StreamResponse | None]:
@@ -130,26 +136,79 @@ class OpenAIUpstream(LoopbackServer):
             return None, self._error(400, "Invalid JSON body", "BadRequestError")
         self.seen.append(Seen(request.path, body, dict(request.headers)))
         failure = self._next_failure()
-        mid_stream = failure is not None and failure.mode in ("drop", "stall") and bool(body.get("stream"))
+        mid_stream = failure is not None and failure.mode in STREAM_MODES and bool(body.get("stream"))
         if failure is not None and not mid_stream:
             early = await self._fail_early(request, failure)
             if early is not None:
                 return None, early
-        if body.get("model") not in self.models:
-            return None, self._error(404, f"The model `{body.get('model')}` does not exist.", "NotFoundError")
+        refused = self._refuse(body)
+        if refused is not None:
+            return None, refused
         request[FAILURE] = failure if mid_stream else None
         return body, None
 
+    def _refuse(self, body: dict[str, Any]) -> web.Response | None:
+        """What the real service refuses of a well-formed JSON request."""
+        model = body.get("model")
+        if model in self.retired:
+            status = self.retired[model]
+            detail = f"Function for model '{model}' has reached its end of life and is no longer available."
+            return self._error(status, detail, "Gone" if status == 410 else "Not Found")
+        if model not in self.models:
+            return self._error(404, f"The model `{model}` does not exist.", "NotFoundError")
+        if self.flavor == "vllm" and body.get("stream_options") is not None and not body.get("stream"):
+            return self._error(
+                400, "Stream options can only be defined when `stream=True`.", "BadRequestError"
+            )
+        if self.flavor == "vllm" and body.get("continue_final_message"):
+            if body.get("add_generation_prompt", True):
+                return self._error(
+                    400,
+                    "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+                    "BadRequestError",
+                )
+            last = (body.get("messages") or [{}])[-1]
+            if not isinstance(last, dict) or last.get("role") != "assistant":
+                return self._error(
+                    400, "continue_final_message needs a final assistant message.", "BadRequestError"
+                )
+        if self.flavor == "vllm" and self._prompt_tokens(body) > self.max_model_len:
+            return self._context_error(self._prompt_tokens(body))
+        return None
+
+    def _context_error(self, tokens: int) -> web.Response:
+        return self._error(
+            400,
+            f"This model's maximum context length is {self.max_model_len} tokens. However, your request has "
+            f"{tokens} input tokens. Please reduce the length of the input messages.",
+            "BadRequestError",
+        )
+
+    @staticmethod
+    def _prompt_tokens(body: dict[str, Any]) -> int:
+        """One token per word, as far as the simulator is concerned."""
+        if isinstance(body.get("prompt"), str):
+            return len(body["prompt"].split())
+        messages = body.get("messages") if isinstance(body.get("messages"), list) else []
+        return sum(
+            len(m["content"].split())
+            for m in messages
+            if isinstance(m, dict) and isinstance(m.get("content"), str)
+        )
+
     async def _fail_early(self, request: web.Request, failure: Failure) -> web.StreamResponse | None:
         if failure.mode in ("reset", "drop"):
+            await asyncio.sleep(failure.delay)
             request.transport.abort()  # type: ignore[union-attr]
             return web.Response(status=500)  # never reaches the client: the connection is gone
         if failure.mode in ("500", "502", "503"):
             return self._error(int(failure.mode), "Engine failure", "InternalServerError")
         if failure.mode in ("400", "422"):
             return self._error(
-                int(failure.mode), "This model's maximum context length is 4096 tokens.", "BadRequestError"
+                int(failure.mode), "The request was refused by the content filter.", "BadRequestError"
             )
+        if failure.mode == "context":
+            return self._context_error(self.max_model_len + 1)
         if failure.mode == "401":
             return self._error(401, "Authentication failed", "unauthorized")
         if failure.mode == "429":
@@ -168,12 +227,21 @@ class OpenAIUpstream(LoopbackServer):
         kwargs = body.get("chat_template_kwargs") or {}
         return body["model"] in self.reasoning_models and kwargs.get("enable_thinking", True) is not False
 
-    def _usage(self, completion_tokens: int) -> dict[str, int]:
+    def _usage(self, body: dict[str, Any], completion_tokens: int) -> dict[str, int]:
+        prompt_tokens = self._prompt_tokens(body)
         return {
-            "prompt_tokens": 12,
+            "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
-            "total_tokens": 12 + completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
         }
+
+    def _rest_of(self, body: dict[str, Any], reply: str) -> str:
+        """With `continue_final_message`, the model carries on the final assistant message: the same
+        answer, less what that message already holds (a deterministic model)."""
+        if not body.get("continue_final_message"):
+            return reply
+        prefix = body["messages"][-1].get("content") or ""
+        return reply[len(prefix) :] if reply.startswith(prefix) else reply
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body, error = await self._read(request)
@@ -182,8 +250,8 @@ class OpenAIUpstream(LoopbackServer):
         assert body is not None
         if not isinstance(body.get("messages"), list) or not body["messages"]:
             return self._error(400, "messages must be a non-empty list", "BadRequestError")
-        reply = f"{REPLY} [{self.flavor}]"
-        thinking = REASONING if self._thinks(body) else None
+        reply = self._rest_of(body, f"{REPLY} [{self.flavor}]")
+        thinking = REASONING if self._thinks(body) and not body.get("continue_final_message") else None
         if body.get("stream"):
             return await self._stream_chat(request, body, reply, thinking)
         message: dict[str, Any] = {"role": "assistant", "content": reply, "refusal": None, "tool_calls": []}
@@ -196,7 +264,7 @@ class OpenAIUpstream(LoopbackServer):
                 "created": int(time.time()),
                 "model": body["model"],
                 "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
-                "usage": self._usage(len(reply.split())),
+                "usage": self._usage(body, len(reply.split())),
             },
             dumps=lambda o: orjson.dumps(o).decode(),
         )
@@ -221,13 +289,15 @@ class OpenAIUpstream(LoopbackServer):
         deltas += [{"content": w + " "} for w in reply.split()]
         chunks = [chunk(d) for d in deltas] + [chunk({}, "stop")]
         if (body.get("stream_options") or {}).get("include_usage"):
-            chunks.append({**chunk({}), "choices": [], "usage": self._usage(len(reply.split()))})
+            generated = len(deltas) - 1
+            chunks.append({**chunk({}), "choices": [], "usage": self._usage(body, generated)})
         return await self._send_sse(request, chunks)
 
     async def _send_sse(self, request: web.Request, chunks: list[dict[str, Any]]) -> web.StreamResponse:
         failure: Failure | None = request[FAILURE]
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
+        end = self.sse_separator
         try:
             for i, c in enumerate(chunks):
                 if failure is not None and i == failure.after_chunks:
@@ -236,10 +306,21 @@ class OpenAIUpstream(LoopbackServer):
                         return resp
                     if failure.mode == "stall":
                         await asyncio.sleep(3600)
-                await resp.write(b"data: " + orjson.dumps(c) + b"\n\n")
+                    if failure.mode == "slow_first_token":
+                        await asyncio.sleep(failure.delay)
+                    if failure.mode == "error_event":
+                        # vLLM: the status line said 200 already, so the error comes as an event.
+                        error = {
+                            "error": {"message": "Engine failure", "type": "InternalServerError", "code": 500}
+                        }
+                        await resp.write(b"data: " + orjson.dumps(error) + end)
+                        await resp.write(b"data: [DONE]" + end)
+                        await resp.write_eof()
+                        return resp
+                await resp.write(b"data: " + orjson.dumps(c) + end)
                 if self.chunk_delay:
                     await asyncio.sleep(self.chunk_delay)
-            await resp.write(b"data: [DONE]\n\n")
+            await resp.write(b"data: [DONE]" + end)
             await resp.write_eof()
         except (ConnectionError, asyncio.CancelledError):
             # vLLM aborts the request's generation here; the count shows the gateway let go.
@@ -255,6 +336,8 @@ class OpenAIUpstream(LoopbackServer):
         if not isinstance(body.get("prompt"), str | list):
             return self._error(400, "prompt must be a string or a list", "BadRequestError")
         text = f" continued [{self.flavor}]"
+        if isinstance(body.get("prompt"), str) and body["prompt"].rstrip().endswith(" continued"):
+            text = f" [{self.flavor}]"  # carrying on a prompt that holds the start of the answer
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def choice(t: str, finish: str | None) -> dict[str, Any]:
@@ -266,14 +349,18 @@ class OpenAIUpstream(LoopbackServer):
             chunks.append({**base, "choices": [choice("", "length")]})
             return await self._send_sse(request, chunks)
         return web.json_response(
-            {**base, "choices": [choice(text, "length")], "usage": self._usage(len(text.split()))},
+            {**base, "choices": [choice(text, "length")], "usage": self._usage(body, len(text.split()))},
             dumps=lambda o: orjson.dumps(o).decode(),
         )
 
     async def _models(self, request: web.Request) -> web.Response:
-        if self.flavor == "cloud" and request.headers.get("Authorization") != f"Bearer {self.api_key}":
-            return self._error(401, "Authentication failed", "unauthorized")
-        data = [{"id": m, "object": "model", "created": 0, "owned_by": self.flavor} for m in self.models]
+        # NVIDIA's listing is public: it answers 200 whatever the key, so it proves nothing about one.
+        data: list[dict[str, Any]] = [
+            {"id": m, "object": "model", "created": 0, "owned_by": self.flavor} for m in self.models
+        ]
+        if self.flavor == "vllm":
+            for model in data:
+                model["max_model_len"] = self.max_model_len
         return web.json_response({"object": "list", "data": data})
 
     async def _health(self, request: web.Request) -> web.Response:
