@@ -322,7 +322,7 @@ class Relay:
         body["model"] = attempt.model
         upstream = await self._send(attempt, orjson.dumps(body))
         if upstream.status >= 400:
-            return await self._client_error(attempt, upstream, headers)
+            return await self._client_error(upstream, headers)
         if self.stream:
             stream = await self._open_stream(attempt, upstream)
             return EventStreamResponse(self._relay(stream), headers)
@@ -386,23 +386,15 @@ class Relay:
             detail = detail.replace(key.get_secret_value(), "[key]")
         return KEY_LIKE.sub("[key]", detail)[:DETAIL_CHARS]
 
-    async def _client_error(
-        self, attempt: Attempt, upstream: UpstreamResponse, headers: list[tuple[bytes, bytes]]
-    ) -> ASGIApp:
+    async def _client_error(self, upstream: UpstreamResponse, headers: list[tuple[bytes, bytes]]) -> ASGIApp:
         """A 4xx goes back to the client as it is, in OpenAI's shape if the engine used another. A
         context-length 400 raises ContextOverflow: a target with a longer context may take it."""
         raw = await _read_whole(upstream, "while reading an error")
-        try:
-            parsed = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            parsed = None
-        if not (isinstance(parsed, dict) and isinstance(parsed.get("error"), dict)):
-            raw = error_body(
-                error_message(raw) or f"The engine refused the request (HTTP {upstream.status}).",
-                "invalid_request_error",
-            )
-        response = JSONBytesResponse(raw, upstream.status, headers=headers)
-        if upstream.status == 400 and CONTEXT_EXCEEDED.search(raw):
+        overflow = upstream.status == 400 and CONTEXT_EXCEEDED.search(raw) is not None
+        response = JSONBytesResponse(
+            openai_error(raw, upstream.status, overflow), upstream.status, headers=headers
+        )
+        if overflow:
             limit = CONTEXT_LIMIT.search(raw)
             raise ContextOverflow(response, int(limit.group(1)) if limit else None)
         return response
@@ -441,6 +433,9 @@ class Relay:
             raise UpstreamFailure(
                 f"stream failed before the first event ({exc.reason})", retry_here=_early_loss(exc)
             ) from None
+        except BaseException:  # the client left while a continuation was starting: free the engine
+            upstream.release()
+            raise
         first = events.partition(b"\n\n")[0]
         if ERROR_KEY in first and is_error(json_of(first)):
             upstream.release()
@@ -603,6 +598,31 @@ async def _next_events(stream: LiveStream) -> bytes | None:
         events = stream.splitter.feed(piece)
         if events:
             return events
+
+
+def openai_error(raw: bytes, status: int, overflow: bool) -> bytes:
+    """An engine's error body in OpenAI's shape: passed as it is when it already is (vLLM's nested
+    errors carry the status as an integer `code`, where OpenAI has a string or null)."""
+    try:
+        parsed = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        parsed = None
+    nested = parsed.get("error") if isinstance(parsed, dict) else None
+    if not isinstance(nested, dict):
+        nested = {}
+    code = nested.get("code")
+    if (
+        nested.get("message")
+        and isinstance(nested.get("type"), str)
+        and (code is None or isinstance(code, str))
+    ):
+        return raw
+    return error_body(
+        error_message(raw) or f"The engine refused the request (HTTP {status}).",
+        nested.get("type") if isinstance(nested.get("type"), str) else "invalid_request_error",
+        nested.get("param") if isinstance(nested.get("param"), str) else None,
+        code if isinstance(code, str) else ("context_length_exceeded" if overflow else None),
+    )
 
 
 def error_message(raw: bytes) -> str | None:

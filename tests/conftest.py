@@ -76,3 +76,25 @@ def magpie(bg_loop: BackgroundLoop) -> Iterator[MagpieNIM]:
     bg_loop.run(sim.start())
     yield sim
     bg_loop.run(sim.stop())
+
+
+@pytest.fixture
+def gateway(
+    start_gateway: Callable[..., Gateway], local_llm: OpenAIUpstream, cloud_llm: OpenAIUpstream
+) -> Callable[..., Gateway]:
+    """For chat: local vLLM and cloud both up, default policy (on_failure), fast failure detection."""
+
+    def start(**settings: str) -> Gateway:
+        env = {
+            "APPLIANCE_LLM_URL": local_llm.base_url,
+            "NVIDIA_NIM_BASE_URL": cloud_llm.base_url,
+            "NVIDIA_NIM_API_KEY": CLOUD_KEY,
+            "APPLIANCE_FIRST_BYTE_TIMEOUT": "1",
+            "APPLIANCE_FIRST_TOKEN_TIMEOUT": "1",
+            "APPLIANCE_STREAM_IDLE_TIMEOUT": "1",
+            "APPLIANCE_BREAKER_PROBE_INTERVAL": "0.2",
+            **settings,
+        }
+        return start_gateway(**env)
+
+    return start

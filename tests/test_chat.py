@@ -20,25 +20,6 @@ TIER2 = "nvidia/nemotron-3-nano-30b-a3b"
 MESSAGES = [{"role": "user", "content": "Chek my sentense please."}]
 
 
-@pytest.fixture
-def gateway(start_gateway, local_llm, cloud_llm):
-    """Local vLLM and cloud both up, default policy (on_failure), fast failure detection."""
-
-    def start(**settings):
-        env = {
-            "APPLIANCE_LLM_URL": local_llm.base_url,
-            "NVIDIA_NIM_BASE_URL": cloud_llm.base_url,
-            "NVIDIA_NIM_API_KEY": CLOUD_KEY,
-            "APPLIANCE_FIRST_BYTE_TIMEOUT": "1",
-            "APPLIANCE_STREAM_IDLE_TIMEOUT": "1",
-            "APPLIANCE_BREAKER_PROBE_INTERVAL": "0.2",
-            **settings,
-        }
-        return start_gateway(**env)
-
-    return start
-
-
 def chat(gw, model=TIER1, **kw):
     return gw.client().chat.completions.with_raw_response.create(model=model, messages=MESSAGES, **kw)
 
@@ -181,7 +162,7 @@ def test_models_lists_servable_names(gateway):
 @pytest.mark.parametrize("mode", ["reset", "500", "503", "slow", "stall"])
 def test_local_failure_falls_back_to_cloud(gateway, local_llm, cloud_llm, mode):
     gw = gateway()
-    local_llm.fail(mode, delay=3)
+    local_llm.fail(mode, delay=3 if mode == "slow" else 0)  # a 5xx or reset is retried once locally first
     raw = chat(gw)
     assert served_by(raw) == "cloud"
     assert raw.headers["x-appliance-fallback"] == "true"
@@ -200,7 +181,7 @@ def test_refused_connection_falls_back_and_streams_from_cloud(gateway, local_llm
 
 def test_stream_that_fails_before_its_first_event_falls_back(gateway, local_llm, cloud_llm):
     gw = gateway()
-    local_llm.fail("drop", times=1, after_chunks=0)
+    local_llm.fail("drop", times=2, after_chunks=0)  # the local engine is asked twice
     stream = gw.client().chat.completions.create(model=TIER1, messages=MESSAGES, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices).strip().endswith("[cloud]")
 
@@ -239,7 +220,7 @@ def test_client_errors_are_returned_as_they_are_without_fallback(gateway, local_
     local_llm.fail("400", times=1)
     with pytest.raises(openai.BadRequestError) as exc:
         chat(gw)
-    assert "maximum context length" in exc.value.message
+    assert "content filter" in exc.value.message
     validate("ErrorResponse", exc.value.response.json())
     assert cloud_llm.seen == []
 
@@ -354,7 +335,7 @@ def test_cloud_unreachable_and_local_down_is_a_clear_503(gateway, local_llm, clo
 def test_no_request_content_or_keys_in_logs(gateway, local_llm, cloud_llm):
     gw = gateway()
     chat(gw)
-    local_llm.fail("500", times=1)
+    local_llm.fail("500", times=2)
     chat(gw, stream=False)
     logs = gw.logs()
     assert "Chek my sentense" not in logs and REPLY not in logs
@@ -368,16 +349,18 @@ def test_no_request_content_or_keys_in_logs(gateway, local_llm, cloud_llm):
 # After the first byte.
 
 
-def test_stream_dropped_midway_ends_with_an_error_event(gateway, local_llm, cloud_llm):
+def test_stream_that_no_target_can_continue_ends_with_an_error_event(gateway, local_llm, cloud_llm):
     gw = gateway()
-    local_llm.fail("drop", times=1, after_chunks=3)
+    # Cut, carried on by the local engine once, cut again: the cloud cannot carry on a prefix.
+    local_llm.fail("drop", times=2, after_chunks=3)
     received = []
     with pytest.raises(openai.APIError) as exc:
         for chunk in gw.client().chat.completions.create(model=TIER1, messages=MESSAGES, stream=True):
             received.append(chunk)
-    assert len(received) == 3  # what arrived before the break reached the client
+    text = "".join(c.choices[0].delta.content or "" for c in received if c.choices)
+    assert text == "Your sentence is correct. "  # what arrived before the breaks, nothing twice
     assert "broke off" in str(exc.value)
-    assert cloud_llm.seen == []  # no failover once bytes were sent
+    assert cloud_llm.seen == []
 
 
 def test_stream_stalled_midway_ends_with_an_error_event_not_a_hang(gateway, local_llm):
@@ -510,13 +493,13 @@ def test_every_response_has_a_request_id(gateway, local_llm):
 def test_metrics_count_requests_fallbacks_and_tokens(gateway, local_llm, cloud_llm):
     gw = gateway()
     chat(gw)
-    local_llm.fail("500", times=1)
+    local_llm.fail("500", times=2)  # the local engine is asked twice, then the cloud
     chat(gw)
     text = httpx.get(gw.url + "/metrics").text
     assert 'appliance_requests_total{path="/v1/chat/completions",status="200",target="local"} 1.0' in text
     assert 'appliance_requests_total{path="/v1/chat/completions",status="200",target="cloud"} 1.0' in text
     assert f'appliance_fallbacks_total{{model="{TIER1}"}} 1.0' in text
-    assert 'appliance_upstream_failures_total{target="local"} 1.0' in text
+    assert 'appliance_upstream_failures_total{target="local"} 2.0' in text
     assert f'appliance_tokens_total{{direction="completion",model="{TIER1}"}}' in text
 
 

@@ -14,7 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from appliance.upstream_http import ConnectFailed, ConnectionLost, ReadTimeout, UpstreamPool
+from appliance.upstream_http import (
+    EARLY_LOSS_SECONDS,
+    ConnectFailed,
+    ConnectionLost,
+    ReadTimeout,
+    UpstreamPool,
+)
 from tests.harness import free_port, unanswered_port
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
@@ -142,6 +148,29 @@ def test_a_pooled_connection_the_engine_closed_is_replaced_without_failing_the_r
             assert await post(pool) == (200, ANSWER)
             await pool.close()
         assert seen["connections"] == 2 and len(seen["heads"]) == 3
+
+    run(scenario)
+
+
+def test_a_pooled_connection_closed_after_a_long_wait_is_not_sent_again():
+    """The engine took the request and may have started generating: sending it again could run the
+    same generation twice."""
+
+    async def closes_late(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        await read_request(reader)
+        writer.write(answer())
+        await read_request(reader)
+        await asyncio.sleep(EARLY_LOSS_SECONDS + 0.5)
+
+    async def scenario() -> None:
+        async with raw_server(closes_late) as seen:
+            pool = pool_for(seen["port"])
+            assert await post(pool) == (200, ANSWER)
+            with pytest.raises(ConnectionLost) as lost:
+                await post(pool)
+            assert not lost.value.early
+            await pool.close()
+        assert seen["connections"] == 1 and len(seen["heads"]) == 2
 
     run(scenario)
 
