@@ -59,6 +59,7 @@ FIELD_TYPES: dict[str, tuple[type, ...]] = {
 REQUIRED = {"chat/completions": "messages", "completions": "prompt"}
 REASONING_KEY = b'"reasoning'  # the start of both names: "reasoning" and "reasoning_content"
 DONE_EVENT = b"data: [DONE]"
+DONE_TAIL = DONE_EVENT + b"\n\n"
 LOCAL_RETRY_PAUSE = (0.05, 0.25)  # seconds, drawn at random so retries of many requests do not align
 # A 400 that says the prompt does not fit: OpenAI's code, vLLM's messages (prompt, or prompt + max_tokens).
 CONTEXT_EXCEEDED = re.compile(rb"context_length_exceeded|maximum context length|maximum model length", re.I)
@@ -445,30 +446,42 @@ class Relay:
 
     async def _relay(self, stream: LiveStream) -> AsyncGenerator[bytes, None]:
         """Relay events as they come. If the stream breaks off, carry the answer on elsewhere where a
-        target can, else end with the error in-band."""
+        target can, else end with the error in-band. The loop is the streaming hot path: plain byte
+        scans per piece, JSON only where an event needs rewriting."""
         sent: list[bytes] = []  # what the client has: the prefix to carry on from
         stitch: Stitch | None = None
         while True:
             broken: StreamBroken | None = None
-            events: bytes | None = stream.first
-            done = False
+            events, done = stream.first, False
+            pieces, feed = stream.pieces, stream.splitter.feed
             try:
-                while events is not None:
-                    events, broken = _cut_at_error(events)
+                while True:
                     if events:
-                        done = done or DONE_EVENT in events
-                        events = self._rewrite(events, stitch)
+                        if ERROR_KEY in events:
+                            events, broken = _cut_at_error(events)
+                        done = done or events.endswith(DONE_TAIL)  # [DONE] is the last event
+                        if stitch is not None:
+                            events = stitch.rewrite(events)
                         if events:
+                            events = self._rewrite_events(events)
                             sent.append(events)
                             yield events
-                    if broken is not None:
+                        if broken is not None:
+                            break
+                    try:
+                        events = feed(await anext(pieces))
+                    except StopAsyncIteration:
+                        rest = stream.splitter.rest()
+                        if rest.strip():
+                            events = rest + b"\n\n"
+                            continue
+                        if not done:
+                            broken = StreamBroken("it ended before the answer was complete", retry_here=True)
                         break
-                    events = await _next_events(stream)
-                else:
-                    if not done:
-                        broken = StreamBroken("it ended before the answer was complete", retry_here=True)
-            except StreamBroken as exc:
-                broken = exc
+            except ReadTimeout:
+                broken = StreamBroken("stalled", retry_here=False)
+            except UpstreamError:
+                broken = StreamBroken("connection lost", retry_here=True)
             finally:
                 stream.upstream.release()
             if broken is None:
@@ -476,7 +489,7 @@ class Relay:
             self._stream_failed(stream.attempt, broken)
             prefix = Prefix.of(b"".join(sent), self.endpoint)
             if prefix.finished:  # only the end of the stream was lost
-                yield DONE_EVENT + b"\n\n"
+                yield DONE_TAIL
                 return
             resumed = await self._resume(prefix, broken, stream.attempt)
             if resumed is None:
@@ -541,11 +554,6 @@ class Relay:
             and (same_again or a.target is not broken)
         ]
 
-    def _rewrite(self, events: bytes, stitch: Stitch | None) -> bytes:
-        if stitch is not None:
-            events = stitch.rewrite(events)
-        return self._rewrite_events(events) if events else events
-
     def _rewrite_events(self, events: bytes) -> bytes:
         """Add the second name of reasoning deltas and read usage; untouched bytes pass through."""
         has_reasoning = REASONING_KEY in events
@@ -581,23 +589,6 @@ def _cut_at_error(events: bytes) -> tuple[bytes, StreamBroken | None]:
     if cut is None:
         return events, None
     return cut[0], StreamBroken("the engine sent an error", retry_here=True, error_event=cut[1])
-
-
-async def _next_events(stream: LiveStream) -> bytes | None:
-    """The next whole events of a stream; None when it has ended. A stall or a cut raises."""
-    while True:
-        try:
-            piece = await anext(stream.pieces)
-        except StopAsyncIteration:
-            rest = stream.splitter.rest()
-            return rest + b"\n\n" if rest.strip() else None
-        except ReadTimeout:
-            raise StreamBroken("stalled", retry_here=False) from None
-        except UpstreamError:
-            raise StreamBroken("connection lost", retry_here=True) from None
-        events = stream.splitter.feed(piece)
-        if events:
-            return events
 
 
 def openai_error(raw: bytes, status: int, overflow: bool) -> bytes:

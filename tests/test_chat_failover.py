@@ -266,3 +266,11 @@ def test_engine_errors_pass_through_in_vllms_nested_shape(gateway, local_llm, cl
         chat(gw, stream_options={"include_usage": True})  # without stream: vLLM refuses it
     assert "stream" in exc.value.message
     assert cloud_llm.seen == []
+
+
+def test_a_cut_completions_stream_is_continued_from_the_prompt_and_what_was_sent(gateway, local_llm):
+    gw = gateway()
+    local_llm.fail("drop", times=1, after_chunks=1)
+    stream = gw.client().completions.create(model=TIER1, prompt="Once upon a time", stream=True)
+    assert "".join(c.choices[0].text for c in stream) == "continued [vllm] "
+    assert local_llm.seen[-1].body["prompt"] == "Once upon a time" + "continued "

@@ -336,7 +336,7 @@ class OpenAIUpstream(LoopbackServer):
         if not isinstance(body.get("prompt"), str | list):
             return self._error(400, "prompt must be a string or a list", "BadRequestError")
         text = f" continued [{self.flavor}]"
-        if isinstance(body.get("prompt"), str) and body["prompt"].rstrip().endswith(" continued"):
+        if isinstance(body.get("prompt"), str) and body["prompt"].rstrip().endswith("continued"):
             text = f" [{self.flavor}]"  # carrying on a prompt that holds the start of the answer
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
