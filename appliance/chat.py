@@ -563,7 +563,11 @@ class Relay:
         out = []
         for line in events.split(b"\n"):
             if line.startswith(b"data: {"):
-                data = orjson.loads(line[6:])
+                try:
+                    data = orjson.loads(line[6:])
+                except orjson.JSONDecodeError:  # a malformed chunk passes as it came; the client decides
+                    out.append(line)
+                    continue
                 if has_usage:
                     self._count_tokens(data.get("usage"))
                 if has_reasoning and alias_reasoning(data.get("choices"), "delta"):

@@ -44,7 +44,8 @@ class Prefix:
     def _add(self, chunk: dict[str, Any], key: str | None) -> None:
         self.id = self.id or chunk.get("id")
         self.model = self.model or chunk.get("model")
-        choices = chunk.get("choices") or []
+        choices = chunk.get("choices")
+        choices = [c for c in choices if isinstance(c, dict)] if isinstance(choices, list) else []
         if len(choices) > 1 or any(c.get("index", 0) != 0 for c in choices):
             self.refusal = "the answer has several choices"
             return

@@ -274,3 +274,16 @@ def test_a_cut_completions_stream_is_continued_from_the_prompt_and_what_was_sent
     stream = gw.client().completions.create(model=TIER1, prompt="Once upon a time", stream=True)
     assert "".join(c.choices[0].text for c in stream) == "continued [vllm] "
     assert local_llm.seen[-1].body["prompt"] == "Once upon a time" + "continued "
+
+
+def test_a_malformed_chunk_passes_through_without_breaking_the_stream(gateway, local_llm):
+    gw = gateway()
+    local_llm.fail("malformed_chunk", times=1, after_chunks=2)
+    with gw.http() as http:
+        body = {"model": TIER1, "messages": MESSAGES, "stream": True}
+        with http.stream("POST", "/v1/chat/completions", json=body) as r:
+            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines if line.startswith('data: {"id"')]
+    assert "".join(content_of(chunks)) == WHOLE
+    assert "unhandled error" not in gw.logs()

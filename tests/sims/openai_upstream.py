@@ -25,7 +25,7 @@ from aiohttp import web
 from tests.sims.server import LoopbackServer
 
 FAILURE = web.RequestKey("failure", object)
-STREAM_MODES = ("drop", "stall", "error_event", "slow_first_token")
+STREAM_MODES = ("drop", "stall", "error_event", "slow_first_token", "malformed_chunk")
 MAX_MODEL_LEN = 4096
 REPLY = "Your sentence is correct. Well done!"
 REASONING = "The user wants a check. The sentence has no errors."
@@ -37,7 +37,8 @@ class Failure:
 
     # Before the answer: "reset" (after `delay`), "500", "502", "503", "429", "400" (a refusal such as a
     # content filter), "context" (prompt too long), "401", "slow" (`delay`), "stall".
-    # In a stream, at chunk `after_chunks`: "drop", "stall", "error_event", "slow_first_token" (`delay`).
+    # In a stream, at chunk `after_chunks`: "drop", "stall", "error_event", "slow_first_token" (`delay`),
+    # "malformed_chunk" (a truncated JSON event, then the rest as usual).
     mode: str
     times: int | None = None
     retry_after: str | None = None  # for 429
@@ -308,6 +309,8 @@ class OpenAIUpstream(LoopbackServer):
                         await asyncio.sleep(3600)
                     if failure.mode == "slow_first_token":
                         await asyncio.sleep(failure.delay)
+                    if failure.mode == "malformed_chunk":
+                        await resp.write(b'data: {"usage":{"prompt_tokens": 1' + end)
                     if failure.mode == "error_event":
                         # vLLM: the status line said 200 already, so the error comes as an event.
                         error = {
