@@ -221,12 +221,10 @@ def test_the_cloud_probe_proves_the_key_not_only_the_host(gateway, local_llm, cl
     assert exc.value.body["code"] == "cloud_key_rejected"
     assert httpx.get(cloud_llm.base_url + "/models").status_code == 200  # public, whatever the key
     time.sleep(1.0)  # several probes
-    with gw.http() as http:
-        assert http.get("/readyz").json()["checks"]["llm"]["targets"]["cloud"]["breaker"] == "open"
+    assert gw.readyz().json()["checks"]["llm"]["targets"]["cloud"]["breaker"] == "open"
     cloud_llm.api_key = CLOUD_KEY
     time.sleep(1.0)
-    with gw.http() as http:
-        assert http.get("/readyz").json()["checks"]["llm"]["targets"]["cloud"]["breaker"] != "open"
+    assert gw.readyz().json()["checks"]["llm"]["targets"]["cloud"]["breaker"] != "open"
     assert served_by(chat(gw)) == "cloud"
 
 
