@@ -386,6 +386,7 @@ def test_stream_stalled_midway_ends_with_an_error_event_not_a_hang(gateway, loca
 def test_breaker_skips_a_failing_engine_then_recovers(gateway, local_llm, cloud_llm):
     gw = gateway(APPLIANCE_BREAKER_FAILURES="3", APPLIANCE_BREAKER_PROBE_INTERVAL="0.3")
     local_llm.fail("500")
+    local_llm.healthy = False  # /health fails too, so the probe keeps the breaker open until cleared
     for _ in range(3):
         assert served_by(chat(gw)) == "cloud"
     tried = len(local_llm.seen)
@@ -393,6 +394,7 @@ def test_breaker_skips_a_failing_engine_then_recovers(gateway, local_llm, cloud_
     assert len(local_llm.seen) == tried  # skipped at once, not tried
     assert gw.readyz().json()["checks"]["llm"]["targets"]["local"]["breaker"] == "open"
     local_llm.clear()
+    local_llm.healthy = True
     time.sleep(0.8)  # the background probe sees /health answer again
     assert served_by(chat(gw)) == "local"
 
