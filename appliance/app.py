@@ -22,6 +22,7 @@ from appliance.config import Settings
 from appliance.errors import APIError, model_not_found
 from appliance.metrics import exposition
 from appliance.middleware import FastHandler, GatewayMiddleware, bearer_token
+from appliance.upstreams.chain import effective_catalog
 
 Check = Callable[[], dict[str, Any]]
 
@@ -85,7 +86,7 @@ def create_app(settings: Settings, keys: KeyStore | None = None) -> GatewayMiddl
     """The ASGI app to serve: the gateway layer around the FastAPI app (`.app`)."""
     state = AppState(
         settings=settings,
-        catalog=load_catalog(),
+        catalog=effective_catalog(settings, load_catalog()),
         keys=keys or KeyStore(settings.client_keys, settings.resolved_keys_file),
         admin_keys=AdminKeys.from_keys(settings.admin_keys),  # hashed here; the plain key is not kept
     )

@@ -29,6 +29,11 @@ class Route:
     # Request fields a local engine gets when the client did not set them (e.g. reasoning off for a
     # quick-answer tier served by a reasoning model).
     local_defaults: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    # (upstream, model id) pairs from the configuration's `routes:`; when given, they replace
+    # `local` and `cloud` (appliance.upstreams.chain).
+    targets: tuple[tuple[str, str], ...] = ()
+    # What a district's scheduler is told about its requests: "interactive" or "batch".
+    objective: str = "interactive"
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,7 @@ def parse_catalog(data: dict[str, Any]) -> Catalog:
             cpu=r.get("cpu"),
             cloud_context=r.get("cloud_context"),
             local_defaults=r.get("local_defaults", {}),
+            objective=r.get("objective", "interactive"),
         )
         for r in data.get("route", [])
     )

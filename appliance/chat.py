@@ -30,11 +30,12 @@ from appliance.errors import APIError, bad_request, error_body
 from appliance.limits import read_body
 from appliance.log import event
 from appliance.metrics import FALLBACKS, UPSTREAM_FAILURES
-from appliance.middleware import RequestContext, request_context
+from appliance.middleware import RequestContext, request_context, request_header
 from appliance.responses import EventStreamResponse, JSONBytesResponse
 from appliance.routing import Attempt, LLMRouter, Target, parse_retry_after
 from appliance.sse import ERROR_KEY, EventSplitter, is_error, json_of, split_at_error
 from appliance.upstream_http import ConnectionLost, ReadTimeout, UpstreamError, UpstreamResponse
+from appliance.upstreams.district import DistrictHeaders
 
 NUMBER = (int, float)
 # Types of the fields the gateway checks itself; the engine validates the rest.
@@ -198,6 +199,7 @@ class Relay:
     endpoint: str
     body: dict[str, Any]
     ctx: RequestContext
+    district: DistrictHeaders
     retried: bool = False  # retried or failed over already: the client's SDK should not retry on top
     context_limit: int | None = None  # after a context-length 400: later targets must have more
     continued_on: set[str] = field(default_factory=set)  # targets asked for the rest of a broken stream
@@ -254,7 +256,7 @@ class Relay:
         try:
             return await self._try(attempt, headers)
         except UpstreamFailure as failure:
-            if not failure.retry_here or attempt.target.is_cloud:
+            if not failure.retry_here or attempt.target.zone != "box":
                 raise
             failure.target = attempt.target.name
             self._log_failure(failure, retrying=True)
@@ -335,11 +337,15 @@ class Relay:
         settings = self.state.settings
         target = attempt.target
         timeout = self.first_token_timeout if self.stream else settings.first_byte_timeout
+        timeout = min(timeout, target.first_byte_timeout or timeout)  # the upstream's own limit
+        headers = self.district.lines() if target.zone == "district" else b""
         waited = False  # per target: one short wait, then move on
         while True:
             self.deadline = asyncio.get_running_loop().time() + timeout
             try:
-                resp = await target.pool.request("POST", self.endpoint, payload, timeout=timeout)
+                resp = await target.pool.request(
+                    "POST", self.endpoint, payload, timeout=timeout, headers=headers
+                )
             except UpstreamError as exc:
                 raise UpstreamFailure(exc.reason, retry_here=_early_loss(exc)) from None
             if resp.status == 429:
@@ -544,7 +550,7 @@ class Relay:
     def _continuation_attempts(self, broken: Target, same_again: bool) -> list[Attempt]:
         """The targets allowed now that can carry on a prefix, the ones after the broken target first;
         each is asked once, and the broken one only after a cut (not a stall)."""
-        attempts = self.router.attempts(self.route)
+        attempts = self.router.attempts(self.route, self.district.session)
         after = next((i + 1 for i, a in enumerate(attempts) if a.target is broken), 0)
         return [
             a
@@ -660,7 +666,9 @@ def alias_reasoning(choices: Any, key: str) -> bool:
 
 
 def install(app: FastAPI, state: AppState) -> None:
-    router = LLMRouter(state.settings, state.catalog)
+    settings = state.settings
+    session_header = settings.session_header.encode()
+    router = LLMRouter(settings, state.catalog)
     state.availability["llm"] = router.available
     state.readiness["llm"] = router.readiness
     state.startup.append(router.start)
@@ -671,7 +679,8 @@ def install(app: FastAPI, state: AppState) -> None:
         body = parse_request(await read_body(scope, receive, state.settings.max_body_bytes), endpoint)
         route = state.require_route(body["model"], "llm")
         ctx.model = route.name
-        attempts = router.attempts(route)
+        session = body.get("user") or request_header(scope, session_header)
+        attempts = router.attempts(route, session)
         if not attempts:
             if not router.candidates(route):
                 raise APIError(
@@ -687,7 +696,8 @@ def install(app: FastAPI, state: AppState) -> None:
                 type="server_error",
                 code="upstream_unavailable",
             )
-        return await Relay(state, router, route, endpoint, body, ctx).run(attempts)
+        district = DistrictHeaders(settings, route, ctx.key_id, session)
+        return await Relay(state, router, route, endpoint, body, ctx, district).run(attempts)
 
     for path, endpoint in (("/v1/chat/completions", "chat/completions"), ("/v1/completions", "completions")):
         state.add_fast_route(app, path, functools.partial(relay, endpoint=endpoint))

@@ -14,7 +14,16 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -22,6 +31,15 @@ from pydantic_settings import (
     SettingsConfigDict,
     YamlConfigSettingsSource,
 )
+
+from appliance.upstreams.settings import (
+    Objective,
+    RouteSettings,
+    UpstreamSettings,
+    check_references,
+    is_http_url,
+)
+from appliance.upstreams.zones import Zone
 
 FallbackPolicy = Literal["never", "on_failure", "on_overload"]
 
@@ -51,7 +69,9 @@ class ModelOverride(BaseModel):
     # A misspelled key here would silently leave the global (wider) policy in force.
     model_config = ConfigDict(extra="forbid")
 
-    cloud_fallback: FallbackPolicy | None = None
+    cloud_fallback: FallbackPolicy | None = None  # when a request may leave the box
+    max_zone: Zone | None = None  # how far it may go: box, district or cloud
+    objective: Objective | None = None  # what the district's scheduler is told (llm-d)
     # Stream limits for this model, over the global ones (a large reasoning model may need longer).
     first_token_timeout: float | None = Field(default=None, gt=0)
     stream_idle_timeout: float | None = Field(default=None, gt=0)
@@ -85,7 +105,7 @@ class Settings(BaseSettings):
     cloud_fallback: FallbackPolicy | None = _env("APPLIANCE_CLOUD_FALLBACK")
     models: dict[str, ModelOverride] = _env("APPLIANCE_MODELS", dict)
 
-    # Local engines.
+    # Local engines. Several comma-separated LLM URLs are a pool (one vLLM per GPU).
     llm_url: str = _env("APPLIANCE_LLM_URL", "http://127.0.0.1:8000/v1")
     tts_url: str = _env("APPLIANCE_TTS_URL", "http://127.0.0.1:9000")
     # "auto": large-v3 on a GPU, large-v3-turbo on a machine without one (the plan's choice).
@@ -146,6 +166,16 @@ class Settings(BaseSettings):
     tts_max_waiting: int = _env("APPLIANCE_TTS_MAX_WAITING", 64, ge=0)  # then 429 busy at once
     tts_queue_timeout: float = _env("APPLIANCE_TTS_QUEUE_TIMEOUT", 10.0, gt=0)  # longest wait for a turn
 
+    # Upstreams beyond the box's engine and the cloud, and routes to them (appliance.upstreams).
+    upstreams: dict[str, UpstreamSettings] = _env("APPLIANCE_UPSTREAMS", dict)
+    routes: list[RouteSettings] = _env("APPLIANCE_ROUTES", list)
+    # The request header an app may set to keep one conversation on one engine (besides `user`).
+    session_header: str = _env("APPLIANCE_SESSION_HEADER", "x-session-id", pattern=r"^[A-Za-z0-9-]+$")
+    # The header the district's router keeps sessions by (vLLM Router: X-Session-ID).
+    district_session_header: str = _env(
+        "APPLIANCE_DISTRICT_SESSION_HEADER", "x-session-id", pattern=r"^[A-Za-z0-9-]+$"
+    )
+
     log_level: Literal["debug", "info", "warning", "error"] = _env("APPLIANCE_LOG_LEVEL", "info")
 
     # GPU health (appliance.gpu_monitor): seconds between NVML snapshots shown on /readyz; 0 turns it off.
@@ -172,13 +202,30 @@ class Settings(BaseSettings):
             raise ValueError("must map voice names to MagpieTTS voice names")
         return {**DEFAULT_TTS_VOICES, **{k.strip().lower(): v.strip() for k, v in value.items()}}
 
-    @field_validator("nvidia_nim_base_url", "llm_url", "tts_url")
+    @field_validator("nvidia_nim_base_url", "tts_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        if not is_http_url(value):
             raise ValueError("must be an http(s) URL")
         return value.rstrip("/")
+
+    @field_validator("llm_url")
+    @classmethod
+    def _http_urls(cls, value: str) -> str:
+        urls = [u.strip().rstrip("/") for u in value.split(",")]
+        if not all(is_http_url(u) for u in urls):
+            raise ValueError("must be an http(s) URL, or several separated by commas")
+        return ",".join(urls)
+
+    @field_validator("session_header", "district_session_header")
+    @classmethod
+    def _header_name(cls, value: str) -> str:
+        return value.lower()
+
+    @model_validator(mode="after")
+    def _upstream_references(self) -> Settings:
+        check_references(self.upstreams, self.routes)
+        return self
 
     @field_validator("nvidia_nim_api_key")
     @classmethod
@@ -233,6 +280,10 @@ class Settings(BaseSettings):
             override.first_token_timeout or self.first_token_timeout,
             override.stream_idle_timeout or self.stream_idle_timeout,
         )
+
+    @property
+    def llm_urls(self) -> list[str]:
+        return self.llm_url.split(",")
 
     @property
     def client_keys(self) -> list[str]:
@@ -313,9 +364,11 @@ def check_model_names(settings: Settings, route_names: Iterable[str], aliases: M
 def _describe(error: Any, config_file: Path | None) -> str:
     """One line for a validation error; never the value (it may be a key)."""
     loc = [str(p) for p in error["loc"]]
+    if len(loc) > 1:  # inside a section (upstreams, routes, models): name it as the file does
+        loc[0] = setting_variables().get(loc[0], loc[0])
     where = ".".join(loc) or "configuration"
     if error["type"] != "extra_forbidden":
-        return f"invalid setting {where}: {error['msg']}"
+        return f"invalid setting {where}: {error['msg'].removeprefix('Value error, ')}"
     if loc:  # the file's name for a setting, whichever spelling pydantic reports
         loc[0] = setting_variables().get(loc[0], loc[0])
     in_file = f" in {config_file}" if config_file else ""
@@ -331,6 +384,7 @@ def load_settings(
 ) -> Settings:
     """Read settings; raise ConfigError with one line naming the first bad setting."""
     from appliance.catalog import load_catalog
+    from appliance.upstreams.chain import effective_catalog
 
     environ = os.environ if environ is None else environ
     check_variable_names(environ)
@@ -348,7 +402,7 @@ def load_settings(
         raise ConfigError(f"cannot read configuration {path}: {type(exc).__name__}: {exc}") from None
     finally:
         _CONFIG_FILE["path"] = None
-    catalog = load_catalog()
+    catalog = effective_catalog(settings, load_catalog())  # with the file's own routes
     aliases = {alias: r.name for r in catalog.routes for alias in r.aliases}
     check_model_names(settings, (r.name for r in catalog.routes), aliases)
     return settings

@@ -230,7 +230,9 @@ class UpstreamResponse:
 class UpstreamPool:
     """Keep-alive connections to one origin, with the headers every request to it carries."""
 
-    def __init__(self, base_url: str, headers: dict[str, str], connect_timeout: float) -> None:
+    def __init__(
+        self, base_url: str, headers: dict[str, str], connect_timeout: float, ca_file: str | None = None
+    ) -> None:
         url = urlsplit(base_url)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError(f"not an http(s) URL: {base_url}")
@@ -239,26 +241,39 @@ class UpstreamPool:
         self.port = url.port or (443 if url.scheme == "https" else 80)
         self.base_path = url.path.rstrip("/")
         self.connect_timeout = connect_timeout
-        self._ssl = ssl.create_default_context() if url.scheme == "https" else None
+        self._ssl = ssl.create_default_context(cafile=ca_file) if url.scheme == "https" else None
         authority = url.netloc.rpartition("@")[2]
         fixed = {"host": authority, **headers}
         self._fixed_headers = "".join(f"{k}: {v}\r\n" for k, v in fixed.items()).encode("latin-1")
         self._idle: deque[_Connection] = deque()
+        self.in_flight = 0  # requests sent and not yet released: what a pool chooses its URL by
 
-    async def request(self, method: str, path: str, body: bytes = b"", *, timeout: float) -> UpstreamResponse:
+    async def request(
+        self, method: str, path: str, body: bytes = b"", *, timeout: float, headers: bytes = b""
+    ) -> UpstreamResponse:
         """Send a request; return once the response's head is in. `path` is relative to the base URL's
-        path unless it starts with '/'. A pooled connection the other side closed as the request went
-        out (before it can have read it) is replaced by a fresh one, once; one closed after a longer
-        wait raises ConnectionLost, since the engine may have started on the request."""
+        path unless it starts with '/'; `headers` are extra header lines ("name: value\\r\\n" each).
+        A pooled connection the other side closed as the request went out (before it can have read
+        it) is replaced by a fresh one, once; one closed after a longer wait raises ConnectionLost,
+        since the engine may have started on the request."""
         target = path if path.startswith("/") else f"{self.base_path}/{path}"
         length = b"content-length: %d\r\n" % len(body) if body or method != "GET" else b""
-        request = b"%s %s HTTP/1.1\r\n%s%s\r\n%s" % (
+        request = b"%s %s HTTP/1.1\r\n%s%s%s\r\n%s" % (
             method.encode(),
             target.encode(),
             self._fixed_headers,
+            headers,
             length,
             body,
         )
+        self.in_flight += 1
+        try:
+            return await self._exchange(request, timeout)
+        except BaseException:
+            self.in_flight -= 1
+            raise
+
+    async def _exchange(self, request: bytes, timeout: float) -> UpstreamResponse:
         conn, reused = self._pooled(), True
         if conn is None:
             conn, reused = await self._connect(), False
@@ -322,6 +337,7 @@ class UpstreamPool:
         return conn
 
     def _release(self, conn: _Connection) -> None:
+        self.in_flight -= 1
         if not conn.reusable():
             conn.close()
             return

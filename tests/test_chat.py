@@ -36,7 +36,7 @@ def test_chat_is_served_locally_and_conforms_to_the_spec(gateway, local_llm, clo
     raw = chat(gw)
     completion = raw.parse()
     validate("CreateChatCompletionResponse", json.loads(raw.content))
-    assert served_by(raw) == "local"
+    assert served_by(raw) == "box"
     assert completion.choices[0].message.content == f"{REPLY} [vllm]"
     assert raw.headers["x-request-id"]
     # The gateway rewrote the public name to the local engine's model id; the cloud saw nothing.
@@ -192,7 +192,7 @@ def test_short_retry_after_is_honoured_on_the_same_target(gateway, local_llm, cl
     started = time.monotonic()
     raw = chat(gw)
     assert time.monotonic() - started >= 0.4
-    assert served_by(raw) == "local"
+    assert served_by(raw) == "box"
     assert len(local_llm.seen) == 2 and cloud_llm.seen == []
 
 
@@ -262,7 +262,7 @@ def test_model_the_engine_does_not_serve_goes_to_cloud_only(start_gateway, bg_lo
         )
         time.sleep(0.3)  # the gateway reads the engine's model list at start
         assert served_by(chat(gw, TIER2)) == "cloud"
-        assert served_by(chat(gw, TIER1)) == "local"
+        assert served_by(chat(gw, TIER1)) == "box"
         assert [s.body["model"] for s in small.seen] == ["nvidia/NVIDIA-Nemotron-3-Nano-4B-FP8"]
     finally:
         bg_loop.run(small.stop())
@@ -296,7 +296,7 @@ def test_on_overload_spills_to_cloud_while_the_queue_is_long(gateway, local_llm,
     assert gw.readyz().json()["checks"]["llm"]["overloaded"] is True
     local_llm.waiting = 0
     time.sleep(0.5)
-    assert served_by(chat(gw)) == "local"
+    assert served_by(chat(gw)) == "box"
     local_llm.fail("500")  # on_overload also covers failure
     assert served_by(chat(gw)) == "cloud"
 
@@ -392,11 +392,11 @@ def test_breaker_skips_a_failing_engine_then_recovers(gateway, local_llm, cloud_
     tried = len(local_llm.seen)
     assert served_by(chat(gw)) == "cloud"
     assert len(local_llm.seen) == tried  # skipped at once, not tried
-    assert gw.readyz().json()["checks"]["llm"]["targets"]["local"]["breaker"] == "open"
+    assert gw.readyz().json()["checks"]["llm"]["targets"]["box"]["urls"][0]["breaker"] == "open"
     local_llm.clear()
     local_llm.healthy = True
     time.sleep(0.8)  # the background probe sees /health answer again
-    assert served_by(chat(gw)) == "local"
+    assert served_by(chat(gw)) == "box"
 
 
 # Reasoning.
@@ -498,10 +498,10 @@ def test_metrics_count_requests_fallbacks_and_tokens(gateway, local_llm, cloud_l
     local_llm.fail("500", times=2)  # the local engine is asked twice, then the cloud
     chat(gw)
     text = httpx.get(gw.url + "/metrics").text
-    assert 'appliance_requests_total{path="/v1/chat/completions",status="200",target="local"} 1.0' in text
+    assert 'appliance_requests_total{path="/v1/chat/completions",status="200",target="box"} 1.0' in text
     assert 'appliance_requests_total{path="/v1/chat/completions",status="200",target="cloud"} 1.0' in text
     assert f'appliance_fallbacks_total{{model="{TIER1}"}} 1.0' in text
-    assert 'appliance_upstream_failures_total{target="local"} 2.0' in text
+    assert 'appliance_upstream_failures_total{target="box"} 2.0' in text
     assert f'appliance_tokens_total{{direction="completion",model="{TIER1}"}}' in text
 
 

@@ -50,7 +50,7 @@ def test_a_local_5xx_or_reset_is_retried_once_on_the_local_engine_first(gateway,
     time.sleep(IDLE_SECONDS + 0.5)
     local_llm.fail(mode, times=1)
     raw = chat(gw)
-    assert served_by(raw) == "local" and "x-appliance-fallback" not in raw.headers
+    assert served_by(raw) == "box" and "x-appliance-fallback" not in raw.headers
     assert len(local_llm.seen) == 2 and cloud_llm.seen == []
     assert '"retrying":true' in gw.logs()
 
@@ -85,7 +85,7 @@ def test_a_slow_first_token_fails_over_before_the_first_byte(gateway, local_llm,
     # Per model: tier 2 may take longer for its first token.
     local_llm.fail("slow_first_token", times=1, after_chunks=0, delay=1.5)
     chunks, headers = stream_events(gw, TIER2, chat_template_kwargs={"enable_thinking": False})
-    assert headers["x-appliance-target"] == "local"
+    assert headers["x-appliance-target"] == "box"
 
 
 def test_a_stall_mid_stream_is_detected_within_the_models_idle_limit(gateway, local_llm, cloud_llm, tmp_path):
@@ -116,7 +116,7 @@ def test_a_cut_stream_is_continued_from_what_the_client_has(gateway, local_llm, 
     whole, _ = stream_events(gw, stream_options={"include_usage": True})
     local_llm.fail("drop", times=1, after_chunks=3)
     chunks, headers = stream_events(gw, stream_options={"include_usage": True})
-    assert headers["x-appliance-target"] == "local"
+    assert headers["x-appliance-target"] == "box"
     assert content_of(chunks) == content_of(whole)  # one whole answer, no chunk twice
     assert "".join(content_of(chunks)) == WHOLE
     assert len({c["id"] for c in chunks}) == 1
@@ -221,10 +221,10 @@ def test_the_cloud_probe_proves_the_key_not_only_the_host(gateway, local_llm, cl
     assert exc.value.body["code"] == "cloud_key_rejected"
     assert httpx.get(cloud_llm.base_url + "/models").status_code == 200  # public, whatever the key
     time.sleep(1.0)  # several probes
-    assert gw.readyz().json()["checks"]["llm"]["targets"]["cloud"]["breaker"] == "open"
+    assert gw.readyz().json()["checks"]["llm"]["targets"]["cloud"]["urls"][0]["breaker"] == "open"
     cloud_llm.api_key = CLOUD_KEY
     time.sleep(1.0)
-    assert gw.readyz().json()["checks"]["llm"]["targets"]["cloud"]["breaker"] != "open"
+    assert gw.readyz().json()["checks"]["llm"]["targets"]["cloud"]["urls"][0]["breaker"] != "open"
     assert served_by(chat(gw)) == "cloud"
 
 

@@ -17,7 +17,7 @@ MESSAGES = [{"role": "user", "content": "Chek my sentense please."}]
 
 
 def local_check(gw) -> dict:
-    return gw.readyz().json()["checks"]["llm"]["targets"]["local"]
+    return gw.readyz().json()["checks"]["llm"]["targets"]["box"]["urls"][0]
 
 
 def logged(gw, name: str) -> list[dict]:

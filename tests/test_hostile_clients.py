@@ -242,7 +242,7 @@ def test_open_files_are_raised_so_1100_idle_sockets_leave_healthz_and_the_engine
         reply = gw.client().chat.completions.with_raw_response.create(
             model=TIER1, messages=[{"role": "user", "content": "Hello"}]
         )
-        assert reply.headers["x-appliance-target"] == "local"
+        assert reply.headers["x-appliance-target"] == "box"
     finally:
         for sock in idle:
             sock.close()
@@ -261,7 +261,7 @@ def test_readyz_tells_strangers_only_ready_or_not_and_admins_the_detail(start_ga
     assert set(body["services"].values()) == {"ready", "not ready"}
     assert "127.0.0.1" not in plain.text
     detail = gw.readyz().json()
-    assert detail["checks"]["llm"]["targets"]["local"]["url"] == local_llm.base_url
+    assert detail["checks"]["llm"]["targets"]["box"]["urls"][0]["url"] == local_llm.base_url
     for wrong in (CLIENT_KEY, "sk-nope"):
         refused = httpx.get(gw.url + "/readyz", headers={"Authorization": f"Bearer {wrong}"})
         assert refused.status_code == 401
