@@ -7,9 +7,14 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from appliance import __version__
 from appliance.config import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from appliance.catalog import Catalog
+    from appliance.planner import PlanPolicy
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -209,19 +214,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
         or settings.fallback_policy(r.name, "on_failure" if r.kind == "llm" else "never")
         for r in catalog.routes
     }
-    found: tuple[int, str | None, str] | str
+    found: tuple[list[int], str | None, str] | str
     if args.cpu:
         found = "--cpu"
     elif args.gpu_memory is not None:
-        found = round(args.gpu_memory * MIB_PER_GIB), None, "given"
+        found = [round(g * MIB_PER_GIB) for g in args.gpu_memory], None, "given"
     else:
-        found = detect_gpu()
+        found = detect_gpus()
     if isinstance(found, str):  # no usable GPU: the CPU plan, saying why
         source = found
         result = cpu_plan(catalog, PlanPolicy(cloud_fallback=policies), settings.cloud_enabled)
     else:
-        memory_mib, capability, source = found
-        result = plan(catalog, memory_mib, PlanPolicy(cloud_fallback=policies, compute_capability=capability))
+        cards, capability, source = found
+        policy = PlanPolicy(cloud_fallback=policies, compute_capability=capability)
+        if len(cards) > 1:
+            return plan_several_gpus(args, catalog, cards, policy, source, global_policy)
+        result = plan(catalog, cards[0], policy)
     if args.env_file:
         try:
             Path(args.env_file).write_text(env_file(result, global_policy))
@@ -241,19 +249,67 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def detect_gpu() -> tuple[int, str | None, str] | str:
-    """(memory MiB, compute capability, where it came from) of the first GPU, or why there is none."""
+def detect_gpus() -> tuple[list[int], str | None, str] | str:
+    """(memory MiB of every GPU, the lowest compute capability, where it came from), or why there is none."""
     from appliance.gpu import GpuUnavailable, collect_snapshots
+    from appliance.planner import version_key
 
     try:
         gpus = collect_snapshots()
     except GpuUnavailable as exc:
         return f"no usable NVIDIA GPU: {exc}"
-    gpu = gpus[0]
-    total = (gpu.get("memory") or {}).get("total_mib")
-    if not total:
-        return "the GPU does not report its memory size"
-    return total, gpu.get("compute_capability"), f"GPU 0: {gpu.get('name')}"
+    sizes = [(gpu.get("memory") or {}).get("total_mib") for gpu in gpus]
+    if not all(sizes):
+        return "a GPU does not report its memory size"
+    capabilities = [c for gpu in gpus if (c := gpu.get("compute_capability"))]
+    capability = min(capabilities, key=version_key, default=None)
+    names = ", ".join(f"GPU {gpu['index']}: {gpu.get('name')}" for gpu in gpus)
+    return sizes, capability, names
+
+
+def gpu_sizes(value: str) -> list[float]:
+    """`--gpu-memory 24` or `--gpu-memory 24,24`: GiB per card."""
+    try:
+        sizes = [float(part) for part in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError("give GiB per card, e.g. 24 or 24,24") from None
+    if not all(0 < size <= 4096 for size in sizes):
+        raise argparse.ArgumentTypeError("each card's size must be above 0 GiB")
+    return sizes
+
+
+def plan_several_gpus(
+    args: argparse.Namespace,
+    catalog: Catalog,
+    cards: list[int],
+    policy: PlanPolicy,
+    source: str,
+    fallback: str,
+) -> int:
+    import json
+
+    from appliance.planner_gpus import env_file_gpus, plan_gpus
+
+    result = plan_gpus(catalog, cards, policy)
+    if args.env_file:
+        try:
+            Path(args.env_file).write_text(env_file_gpus(result, fallback))
+        except OSError as exc:
+            return fail(f"--env-file {args.env_file}: {exc.strerror or exc}", 2)
+    body = {**result.to_dict(), "memory_source": source}
+    if args.json:
+        print(json.dumps(body, indent=2))
+        return 0
+    print("GPUs: " + ", ".join(f"{i}: {mib} MiB" for i, mib in enumerate(cards)) + f" ({source})")
+    for route in body["routes"]:
+        print(f"  {route['placement']:<11} {route['name']}: {route['reason']}")
+    speech = ", ".join(f"{s['kind']} ({s['model']}, {s['mib']} MiB)" for s in body["speech"]["engines"])
+    print(f"speech on GPU {body['speech']['gpu']}: {speech or 'none'}")
+    for engine in body["engines"]:
+        gpus = ",".join(map(str, engine["gpus"]))
+        print(f"{engine['service']} on GPU {gpus}: {engine['model']} " + " ".join(engine["args"]))
+    print("the gateway pools: " + ", ".join(body["llm_urls"]))
+    return 0
 
 
 def print_plan(body: dict) -> None:
@@ -367,7 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser(
         "plan", help="which models run on this GPU, which go to the cloud, vLLM's arguments"
     )
-    plan.add_argument("--gpu-memory", type=float, metavar="GIB", help="plan for a card of this size")
+    plan.add_argument(
+        "--gpu-memory", type=gpu_sizes, metavar="GIB[,GIB...]", help="plan for cards of these sizes"
+    )
     plan.add_argument("--cpu", action="store_true", help="plan for this machine without its GPU")
     plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     plan.add_argument("--env-file", metavar="PATH", help="write what docker-compose.gpu.yml reads")

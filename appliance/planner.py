@@ -311,13 +311,10 @@ def place_audio(
     return services
 
 
-def choose_llm(
-    catalog: Catalog, room: int, policy: PlanPolicy, decided: dict[str, tuple[str, str | None, str]]
-) -> tuple[CatalogModel | None, list[Route]]:
-    """The one vLLM model to run, and the LLM routes it serves; decides the other LLM routes."""
-    llm_routes = catalog.routes_of_kind("llm")
+def ranked_llm_models(catalog: Catalog) -> list[CatalogModel]:
+    """The catalog's vLLM models, those that serve the most LLM routes first, then the most preferred."""
     candidates: dict[str, tuple[int, int]] = {}  # model id -> (routes served, preference rank sum)
-    for route in llm_routes:
+    for route in catalog.routes_of_kind("llm"):
         for rank, model_id in enumerate(route.local):
             served, ranks = candidates.get(model_id, (0, 0))
             candidates[model_id] = (served + 1, ranks + rank)
@@ -325,12 +322,19 @@ def choose_llm(
         (m for m in candidates if m in catalog.models and catalog.models[m].engine == "vllm"),
         key=lambda m: (-candidates[m][0], candidates[m][1]),
     )
+    return [catalog.models[m] for m in ranked]
+
+
+def choose_llm(
+    catalog: Catalog, room: int, policy: PlanPolicy, decided: dict[str, tuple[str, str | None, str]]
+) -> tuple[CatalogModel | None, list[Route]]:
+    """The one vLLM model to run, and the LLM routes it serves; decides the other LLM routes."""
+    llm_routes = catalog.routes_of_kind("llm")
     chosen = next(
         (
-            catalog.models[m]
-            for m in ranked
-            if compatible(catalog.models[m], policy) is None
-            and llm_min_need(catalog.models[m], policy) <= room
+            m
+            for m in ranked_llm_models(catalog)
+            if compatible(m, policy) is None and llm_min_need(m, policy) <= room
         ),
         None,
     )

@@ -350,6 +350,17 @@ def test_a_session_moves_when_its_engine_fails(start_gateway, engines):
     assert chat_count(other) == 5
 
 
+def test_a_pool_of_engines_serving_different_models_sends_each_name_to_its_engine(start_gateway, engines):
+    """A multi-GPU box (`appliance plan --gpu-memory 24,24,24`): the 4B on one card, the 30B on two."""
+    small, big = engines(models=(LOCAL_MODELS[0],)), engines(models=(LOCAL_MODELS[1],))
+    gw = pool_gateway(start_gateway, big, small)
+    for _ in range(3):
+        assert chat(gw, TIER1).headers["x-appliance-target"] == "box"
+        assert chat(gw, TIER2).headers["x-appliance-target"] == "box"
+    assert [s.body["model"] for s in small.seen] == [LOCAL_MODELS[0]] * 3
+    assert [s.body["model"] for s in big.seen] == [LOCAL_MODELS[1]] * 3
+
+
 # The real vLLM Router as a district's engine.
 
 

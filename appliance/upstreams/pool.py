@@ -24,6 +24,7 @@ from appliance.upstreams.chain import UpstreamSpec
 from appliance.upstreams.zones import Zone
 
 PROBE_SECONDS = 3.0
+QUEUE_SCALE = 1 << 20
 SESSIONS_KEPT = 10_000  # remembered session -> URL pairs per pool (least recently used dropped)
 JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
 
@@ -44,6 +45,7 @@ class Target:
     misconfigured: str | None = None
     waiting: float | None = None  # its engine's queue gauges, where it exposes them
     running: float | None = None
+    queue: int = 0  # waiting + running, as a whole number for the chooser
 
     @property
     def is_cloud(self) -> bool:
@@ -125,6 +127,7 @@ class Target:
         except (UpstreamError, TimeoutError, UnicodeDecodeError):
             text = ""
         self.waiting, self.running = queue_gauges(text) if text else (None, None)
+        self.queue = min(int((self.waiting or 0) + (self.running or 0)), QUEUE_SCALE - 1)
 
     def status(self) -> dict[str, object]:
         return {
@@ -161,6 +164,8 @@ class EnginePool:
             )
             self.members.append(target)
         self._turn = 0
+        # Each request starts its scan one URL further on: ties go to each URL in turn.
+        self._rotations = [self.members[i:] + self.members[:i] for i in range(len(self.members))]
         self._sessions: OrderedDict[int, Target] = OrderedDict()
 
     def model_for(self, models: tuple[str, ...]) -> str | None:
@@ -171,22 +176,27 @@ class EnginePool:
         return next((model for model in models if any(model in s for s in answered)), None)
 
     def ordered(self, model: str, session: str | None = None) -> list[Target]:
-        """The URLs to try for one request, best first: breakers closed, serving `model`."""
+        """The URLs to try for one request: breakers closed, serving `model`; the least loaded first,
+        the others in turn order (they are tried only if it fails). One pass, no sorting: this runs
+        for every request."""
         members = self.members
         if len(members) == 1:  # the common case costs nothing more than before pools
             only = members[0]
             return [only] if only.breaker.allows() and not only.misconfigured else []
-        usable = [m for m in members if m.breaker.allows() and not m.misconfigured and m.serves(model)]
-        if len(usable) > 1:
-            turn, count = self._turn, len(members)
-            self._turn = turn + 1
-            usable.sort(
-                key=lambda m: (
-                    m.pool.in_flight,
-                    (m.waiting or 0) + (m.running or 0),
-                    (m.index - turn) % count,
-                )
-            )
+        rotation = self._rotations[self._turn % len(members)]
+        self._turn += 1
+        usable: list[Target] = []
+        best, best_load = 0, -1
+        for m in rotation:
+            if not m.breaker.allows() or m.misconfigured or (m.served is not None and model not in m.served):
+                continue
+            # In flight first; the engine's queue only breaks ties (it is < QUEUE_SCALE requests).
+            load = m.pool.in_flight * QUEUE_SCALE + m.queue
+            if best_load < 0 or load < best_load:
+                best, best_load = len(usable), load
+            usable.append(m)
+        if best:
+            usable[0], usable[best] = usable[best], usable[0]
         if session is not None and usable:
             self._stick(hash(session), usable)
         return usable
@@ -239,7 +249,10 @@ def queue_gauges(metrics_text: str) -> tuple[float | None, float | None]:
     """(waiting, running): `vllm:num_requests_waiting` and `vllm:num_requests_running`, summed over
     engines and models, from a Prometheus text page; None where a gauge is absent."""
     totals: dict[str, float | None] = {"vllm:num_requests_waiting": None, "vllm:num_requests_running": None}
-    for family in text_string_to_metric_families(metrics_text):
-        if family.name in totals:
-            totals[family.name] = sum(sample.value for sample in family.samples)
+    try:
+        for family in text_string_to_metric_families(metrics_text):
+            if family.name in totals:
+                totals[family.name] = sum(sample.value for sample in family.samples)
+    except (ValueError, TypeError, IndexError):  # not a Prometheus page (a router, a proxy's error page)
+        return None, None
     return totals["vllm:num_requests_waiting"], totals["vllm:num_requests_running"]

@@ -2,7 +2,7 @@
 gateway (one uvicorn worker, same machine), and through the plainest FastAPI + aiohttp relay
 (`tests/bench/bare_relay.py`) as a reference, reported as ratios and added latency.
 
-    python -m tests.bench.benchmark [--seconds 5] [--only llm,stt,tts]
+    python -m tests.bench.benchmark [--seconds 5] [--only llm,pool,stt,tts]
 
 Non-streaming chat uses `wrk` (Debian package `wrk`) at 1, 32 and 256 connections; streaming uses
 500 concurrent SSE streams from an aiohttp client, measuring time to first token and inter-chunk delay.
@@ -206,12 +206,54 @@ def llm_benchmark(seconds: float, stream_count: int) -> str:
     return "\n".join(rows)
 
 
+def pool_benchmark(seconds: float, rounds: int = 5) -> str:
+    """What choosing among a pool's URLs costs: the gateway with one engine URL against the gateway
+    with two (a pool: in-flight counts, queue polling, turns), same load, alternating rounds."""
+    ups = [free_port(), free_port()]
+    one, two = free_port(), free_port()
+    urls = [f"http://127.0.0.1:{p}/v1" for p in ups]
+
+    def gateway(port: int) -> list[str]:
+        return [sys.executable, "-m", "appliance", "serve", "--port", str(port)]
+
+    def env(llm_url: str) -> dict[str, str]:
+        return clean_env(
+            APPLIANCE_API_KEYS=CLIENT_KEY, APPLIANCE_LLM_URL=llm_url, APPLIANCE_DATA_DIR=tempfile.mkdtemp()
+        )
+
+    upstream = [sys.executable, "-m", "tests.bench.upstream"]
+    with (
+        process([*upstream, str(ups[0])], clean_env(), f"{urls[0]}/models"),
+        process([*upstream, str(ups[1])], clean_env(), f"{urls[1]}/models"),
+        process(gateway(one), env(urls[0]), f"http://127.0.0.1:{one}/healthz"),
+        process(gateway(two), env(",".join(urls)), f"http://127.0.0.1:{two}/healthz"),
+    ):
+        single, pooled = f"http://127.0.0.1:{one}/v1", f"http://127.0.0.1:{two}/v1"
+        for url in (single, pooled):
+            wrk(url, 8, 1)
+        ratios, rows = [], []
+        for i in range(rounds):
+            order = (single, pooled) if i % 2 == 0 else (pooled, single)
+            result = {url: wrk(url, 32, seconds)[0] for url in order}
+            ratios.append(result[pooled] / result[single])
+            rows.append(f"| {i + 1} | {result[single]:,.0f} | {result[pooled]:,.0f} | {ratios[-1]:.3f} |")
+    return "\n".join(
+        [
+            "| round (32 conn) | one URL req/s | pool of two URLs req/s | pool / one |",
+            "| --- | --- | --- | --- |",
+            *rows,
+            f"| median | | | {statistics.median(ratios):.3f} |",
+        ]
+    )
+
+
 def sections() -> dict[str, Callable[[argparse.Namespace], str]]:
     from tests.bench.stt import run_stt_benchmark
     from tests.bench.tts import run_tts_benchmark
 
     return {
         "llm": lambda a: llm_benchmark(a.seconds, a.streams),
+        "pool": lambda a: pool_benchmark(a.seconds, a.rounds),
         "stt": lambda a: run_stt_benchmark(),
         "tts": lambda a: run_tts_benchmark(),
     }
@@ -223,6 +265,7 @@ def main() -> None:
     )
     parser.add_argument("--seconds", type=float, default=5, help="duration of each wrk run")
     parser.add_argument("--streams", type=int, default=500, help="concurrent streams")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (pool)")
     parser.add_argument("--only", default=",".join(sections()), help="comma list of: " + ",".join(sections()))
     args = parser.parse_args()
     if shutil.which("wrk") is None:
