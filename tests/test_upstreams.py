@@ -22,7 +22,13 @@ from tests.sims.openai_upstream import OpenAIUpstream
 
 TIER1, TIER2 = CLOUD_MODELS
 MESSAGES = [{"role": "user", "content": "Chek my sentense please."}]
-DISTRICT_HEADERS = ("x-gateway-inference-fairness-id", "x-gateway-inference-objective", "x-session-id")
+DISTRICT_HEADERS = (
+    "x-gateway-inference-fairness-id",
+    "x-gateway-inference-objective",
+    "x-llm-d-inference-fairness-id",
+    "x-llm-d-inference-objective",
+    "x-session-id",
+)
 
 
 @pytest.fixture
@@ -172,6 +178,8 @@ def test_district_headers_go_to_the_district_only_and_carry_no_pupil_data(zones)
         assert not any(h in seen for seen in headers[name] for h in DISTRICT_HEADERS)
     tier1, tier2, _ = headers["district"]
     assert tier1["x-gateway-inference-fairness-id"] == "env-1"  # the client key's id, never the key
+    assert tier1["x-llm-d-inference-fairness-id"] == "env-1"  # llm-d's current name for it
+    assert tier2["x-llm-d-inference-objective"] == "batch"
     assert [tier1["x-gateway-inference-objective"], tier2["x-gateway-inference-objective"]] == [
         "interactive",
         "batch",

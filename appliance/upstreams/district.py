@@ -4,6 +4,9 @@
   engines fairly between schools (the client key's school; the key's id until keys carry a school).
 - `x-gateway-inference-objective`: `interactive` or `batch` (the catalog's route, or `objective:` per
   model in the YAML file), so quick tier-1 corrections can go ahead of long tier-2 analyses.
+  It names an InferenceObjective of the district's pool (models/district/llm-d/).
+Each is sent under llm-d's current name too (`x-llm-d-inference-...`; its scheduler reads that first
+and the `x-gateway-` name as an alias), so older and newer llm-d releases both see it.
 - a session header (vLLM Router: `X-Session-ID`) so a conversation stays on one engine and reuses its
   prefix cache. It carries a keyed hash of the app's session id, never the id itself.
 
@@ -22,8 +25,8 @@ from appliance.catalog import Route
 if TYPE_CHECKING:
     from appliance.config import Settings
 
-FAIRNESS_HEADER = b"x-gateway-inference-fairness-id"
-OBJECTIVE_HEADER = b"x-gateway-inference-objective"
+FAIRNESS_HEADERS = (b"x-gateway-inference-fairness-id", b"x-llm-d-inference-fairness-id")
+OBJECTIVE_HEADERS = (b"x-gateway-inference-objective", b"x-llm-d-inference-objective")
 # Per process: the district sees stable session hashes while this gateway runs, and nothing it could
 # match against another system's ids.
 _SESSION_KEY = secrets.token_bytes(16)
@@ -58,9 +61,11 @@ class DistrictHeaders:
         return (override.objective if override else None) or self.route.objective
 
     def lines(self) -> bytes:
-        out = b"%s: %s\r\n" % (OBJECTIVE_HEADER, self.objective().encode())
+        objective = self.objective().encode()
+        out = b"".join(b"%s: %s\r\n" % (name, objective) for name in OBJECTIVE_HEADERS)
         if self.fairness_id:
-            out += b"%s: %s\r\n" % (FAIRNESS_HEADER, header_value(self.fairness_id))
+            fairness = header_value(self.fairness_id)
+            out += b"".join(b"%s: %s\r\n" % (name, fairness) for name in FAIRNESS_HEADERS)
         if self.session:
             name = self.settings.district_session_header.encode()
             out += b"%s: %s\r\n" % (name, session_token(self.session).encode())
