@@ -236,7 +236,7 @@ class Relay:
                 failures.append(failure)
                 continue
             target.breaker.success()
-            self.ctx.target = target.name
+            self.ctx.target, self.ctx.zone = target.name, target.zone
             if failures or too_long:
                 FALLBACKS.labels(self.ctx.model).inc()
             return response

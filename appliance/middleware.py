@@ -28,13 +28,14 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 class RequestContext:
     """Per-request facts for the access log; handlers fill in what they learn (model, target, usage)."""
 
-    __slots__ = ("completion_tokens", "key_id", "model", "prompt_tokens", "request_id", "target")
+    __slots__ = ("completion_tokens", "key_id", "model", "prompt_tokens", "request_id", "target", "zone")
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
         self.key_id: str | None = None
         self.model: str | None = None
         self.target: str | None = None
+        self.zone: str | None = None  # the data zone of the target that served: box, district, cloud
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
 
@@ -151,7 +152,7 @@ class GatewayMiddleware:
             "status": status,
             "latency_ms": round(seconds * 1000, 2),
         }
-        for name in ("model", "target", "prompt_tokens", "completion_tokens"):
+        for name in ("model", "target", "zone", "prompt_tokens", "completion_tokens"):
             value = getattr(ctx, name)
             if value is not None:
                 fields[name] = value

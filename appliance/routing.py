@@ -21,7 +21,7 @@ from appliance.config import Settings
 from appliance.log import event
 from appliance.upstreams.chain import Chain, resolve_chain, upstream_specs
 from appliance.upstreams.pool import EnginePool, Target, model_ids
-from appliance.upstreams.zones import Zone
+from appliance.upstreams.zones import Zone, within
 
 SERVED_REFRESH_TICKS = 10  # re-read the served model lists every this many load polls
 
@@ -69,6 +69,7 @@ class LLMRouter:
         probe_model = next((r.cloud for r in catalog.routes_of_kind("llm") if r.cloud), "")
         for pool in self.upstreams.values():
             pool.probe_model = probe_model
+        self._resolve()
 
     def policy(self, route: Route) -> str:
         return self.chains[route.name].policy
@@ -79,35 +80,42 @@ class LLMRouter:
         waiting = self.upstreams["box"].overloaded_at
         return waiting is not None and waiting >= self.settings.overload_waiting
 
+    def _resolve(self) -> None:
+        """Each route's upstreams with the model id each serves it under, and one Attempt per URL:
+        made again when what the engines serve changes, not for every request."""
+        self._resolved: dict[str, list[tuple[Zone, EnginePool, str, dict[Target, Attempt]]]] = {}
+        for name, chain in self.chains.items():
+            entries = []
+            for link in chain.links:
+                pool = self.upstreams[link.upstream]
+                model = pool.model_for(link.models)
+                if model is not None:
+                    made = {t: Attempt(t, model, link.defaults) for t in pool.members}
+                    entries.append((link.zone, pool, model, made))
+            self._resolved[name] = entries
+
     def candidates(self, route: Route, key_max_zone: Zone | None = None) -> list[Attempt]:
         """Every target the policy allows for a route, in order, breakers and load not considered."""
         return [
-            Attempt(target, model, link.defaults)
-            for link, pool, model in self._links(route, key_max_zone)
-            for target in pool.members
-            if not target.misconfigured
+            attempt
+            for zone, _, _, made in self._resolved[route.name]
+            if key_max_zone is None or within(zone, key_max_zone)
+            for attempt in made.values()
+            if not attempt.target.misconfigured
         ]
 
     def attempts(
         self, route: Route, session: str | None = None, key_max_zone: Zone | None = None
     ) -> list[Attempt]:
-        """The targets to try for one request, in order: each upstream's usable URLs, best first."""
-        chain = self.chains[route.name]
+        """The targets to try for one request, in order: each upstream's usable URLs, best first.
+        `key_max_zone` is the client key's own ceiling, where it has one."""
         found: list[Attempt] = []
-        for link, pool, model in self._links(route, key_max_zone):
-            found += [Attempt(target, model, link.defaults) for target in pool.ordered(model, session)]
-        if chain.policy == "on_overload" and self.overloaded:
+        for zone, pool, model, made in self._resolved[route.name]:
+            if key_max_zone is None or within(zone, key_max_zone):
+                found += [made[target] for target in pool.ordered(model, session)]
+        if self.watch_load and self.chains[route.name].policy == "on_overload" and self.overloaded:
             # The box's queue is long: the farther zones first, the box as the last resort.
             found.sort(key=lambda a: a.target.zone == "box")
-        return found
-
-    def _links(self, route: Route, key_max_zone: Zone | None) -> list[tuple[Any, EnginePool, str]]:
-        found = []
-        for link in self.chains[route.name].links_within(key_max_zone):
-            pool = self.upstreams[link.upstream]
-            model = pool.model_for(link.models)
-            if model is not None:
-                found.append((link, pool, model))
         return found
 
     def context_length(self, route: Route, attempt: Attempt) -> int | None:
@@ -168,6 +176,8 @@ class LLMRouter:
         for target, news in zip(engines, changed, strict=True):
             if news:
                 event("engine models", target=target.label, served=sorted(target.served or ()))
+        if any(changed):
+            self._resolve()
 
     def readiness(self) -> dict[str, object]:
         targets = {name: pool.status() for name, pool in self.upstreams.items()}

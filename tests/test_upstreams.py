@@ -107,6 +107,10 @@ def test_failover_goes_box_then_district_then_cloud(zones):
     # Each asked once per request, in order.
     assert (len(box.seen), len(district.seen), len(cloud.seen)) == (3, 2, 1)
     assert box.seen[-1].at < district.seen[-1].at < cloud.seen[-1].at
+    # The request log (what a usage ledger reads) names the zone that served.
+    logs = gw.logs()
+    for zone in ("box", "district", "cloud"):
+        assert f'"target":"{zone}","zone":"{zone}"' in logs
 
 
 @pytest.mark.parametrize(

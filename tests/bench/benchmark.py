@@ -22,7 +22,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -49,11 +48,11 @@ def wait_http(url: str, timeout: float = 30) -> None:
 
 
 @contextmanager
-def process(cmd: list[str], env: dict[str, str], ready_url: str) -> Iterator[None]:
+def process(cmd: list[str], env: dict[str, str], ready_url: str) -> Iterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_http(ready_url)
-        yield
+        yield proc
     finally:
         proc.terminate()
         proc.wait(10)
@@ -207,9 +206,35 @@ def llm_benchmark(seconds: float, stream_count: int) -> str:
     return "\n".join(rows)
 
 
-def pool_benchmark(seconds: float, rounds: int = 5) -> str:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def choosing_cost(urls: list[str], calls: int = 200_000) -> float:
+    """Microseconds one request spends choosing its targets (`LLMRouter.attempts`) in this process,
+    with engines that have answered; no server runs."""
+    import timeit
+
+    from appliance.catalog import load_catalog
+    from appliance.config import load_settings
+    from appliance.routing import LLMRouter
+
+    catalog = load_catalog()
+    router = LLMRouter(load_settings(llm_url=",".join(urls)), catalog)
+    route = catalog.routes_of_kind("llm")[0]
+    for target in router.upstreams["box"].members:
+        target.served = set(route.local)
+    router._resolve()
+    return timeit.timeit(lambda: router.attempts(route), number=calls) / calls * 1e6
+
+
+def pool_benchmark(seconds: float, rounds: int = 6) -> str:
     """What choosing among a pool's URLs costs: the gateway with one engine URL against the gateway
-    with two (a pool: in-flight counts, queue polling, turns), driven at the same time."""
+    with two (a pool: in-flight counts, queue polling, turns), in alternating rounds. Besides req/s,
+    the gateway's own CPU time per request: on a shared machine other work moves req/s a lot, and the
+    CPU a request costs hardly (one worker's throughput is the inverse of it)."""
     ups = [free_port(), free_port()]
     one, two = free_port(), free_port()
     urls = [f"http://127.0.0.1:{p}/v1" for p in ups]
@@ -222,29 +247,47 @@ def pool_benchmark(seconds: float, rounds: int = 5) -> str:
             APPLIANCE_API_KEYS=CLIENT_KEY, APPLIANCE_LLM_URL=llm_url, APPLIANCE_DATA_DIR=tempfile.mkdtemp()
         )
 
+    def measure(url: str, pid: int) -> tuple[float, float]:
+        """(req/s, gateway CPU microseconds per request) over one wrk run."""
+        cpu = cpu_seconds(pid)
+        rps = wrk(url, 32, seconds)[0]
+        return rps, (cpu_seconds(pid) - cpu) * 1e6 / (rps * max(1, round(seconds)))
+
     upstream = [sys.executable, "-m", "tests.bench.upstream"]
     with (
         process([*upstream, str(ups[0])], clean_env(), f"{urls[0]}/models"),
         process([*upstream, str(ups[1])], clean_env(), f"{urls[1]}/models"),
-        process(gateway(one), env(urls[0]), f"http://127.0.0.1:{one}/healthz"),
-        process(gateway(two), env(",".join(urls)), f"http://127.0.0.1:{two}/healthz"),
+        process(gateway(one), env(urls[0]), f"http://127.0.0.1:{one}/healthz") as single_proc,
+        process(gateway(two), env(",".join(urls)), f"http://127.0.0.1:{two}/healthz") as pooled_proc,
     ):
-        single, pooled = f"http://127.0.0.1:{one}/v1", f"http://127.0.0.1:{two}/v1"
-        for url in (single, pooled):
+        single = (f"http://127.0.0.1:{one}/v1", single_proc.pid)
+        pooled = (f"http://127.0.0.1:{two}/v1", pooled_proc.pid)
+        for url, _ in (single, pooled):
             wrk(url, 8, 1)
-        ratios, rows = [], []
-        # Both at once, so that whatever else the machine does slows both alike.
-        with ThreadPoolExecutor(2) as both:
-            for i in range(rounds):
-                one_rps, pool_rps = both.map(lambda url: wrk(url, 32, seconds)[0], (single, pooled))
-                ratios.append(pool_rps / one_rps)
-                rows.append(f"| {i + 1} | {one_rps:,.0f} | {pool_rps:,.0f} | {ratios[-1]:.3f} |")
+        rows, cpu_ratios = [], []
+        for i in range(rounds):
+            order = (single, pooled) if i % 2 == 0 else (pooled, single)
+            result = {target: measure(*target) for target in order}
+            (one_rps, one_us), (pool_rps, pool_us) = result[single], result[pooled]
+            cpu_ratios.append(pool_us / one_us)
+            rows.append(
+                f"| {i + 1} | {one_rps:,.0f} | {pool_rps:,.0f} | {one_us:.0f} | {pool_us:.0f} "
+                f"| {cpu_ratios[-1]:.3f} |"
+            )
+    one_us, two_us = choosing_cost(urls[:1]), choosing_cost(urls)
+    all_cpu = sorted(float(r.split("|")[k]) for r in rows for k in (4, 5))
+    per_request = statistics.median(all_cpu)
     return "\n".join(
         [
-            "| round (32 conn) | one URL req/s | pool of two URLs req/s | pool / one |",
-            "| --- | --- | --- | --- |",
+            f"Choosing the targets: {one_us:.2f} µs with one URL, {two_us:.2f} µs with a pool of two: "
+            f"{two_us - one_us:+.2f} µs, {(two_us - one_us) / per_request:.1%} of the gateway's median "
+            f"{per_request:.0f} µs of CPU per request below.",
+            "",
+            "| round (32 conn) | one URL req/s | pool of two req/s | one URL CPU µs/req | pool CPU µs/req "
+            "| pool / one (CPU per request) |",
+            "| --- | --- | --- | --- | --- | --- |",
             *rows,
-            f"| median | | | {statistics.median(ratios):.3f} |",
+            f"| median | | | | | {statistics.median(cpu_ratios):.3f} |",
         ]
     )
 
