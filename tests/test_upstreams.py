@@ -5,6 +5,7 @@ headers, configuration errors, and the real vLLM Router as a district's engine."
 from __future__ import annotations
 
 import shutil
+import ssl
 import subprocess
 import sys
 import time
@@ -203,6 +204,54 @@ def test_objective_is_configurable_per_model(start_gateway, engines, tmp_path):
     box.fail("503")
     assert chat(gw).headers["x-appliance-target"] == "district"
     assert district.seen[0].headers["x-gateway-inference-objective"] == "batch"
+
+
+@pytest.fixture(scope="module")
+def district_ca(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A district's own certificate authority: a self-signed certificate for 127.0.0.1, and its key."""
+    folder = tmp_path_factory.mktemp("district-ca")
+    cert, key = folder / "ca.pem", folder / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"),
+            *("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"),
+            *("-keyout", str(key), "-out", str(cert), "-addext", "subjectAltName=IP:127.0.0.1"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+def test_a_district_behind_its_own_ca_is_trusted_only_with_its_ca_file(
+    start_gateway, engines, bg_loop, district_ca, tmp_path
+):
+    cert, key = district_ca
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    box = engines()
+    district = bg_loop.run(OpenAIUpstream("vllm", LOCAL_MODELS).start(tls=tls))
+    box.fail("503")
+    try:
+        for ca_file, served in ((None, None), (str(cert), "district")):
+            upstream = {
+                "zone": "district",
+                "urls": [district.base_url],
+                **({"ca_file": ca_file} if ca_file else {}),
+            }
+            config = {"upstreams": {"district": upstream}, "models": {TIER1: {"max_zone": "district"}}}
+            gw = start_gateway(
+                APPLIANCE_CONFIG=write_config(tmp_path, config), APPLIANCE_LLM_URL=box.base_url
+            )
+            r = chat(gw)
+            if served is None:
+                assert r.status_code == 503
+                assert "TLS handshake failed (CERTIFICATE_VERIFY_FAILED)" in r.json()["error"]["message"]
+            else:
+                assert r.headers["x-appliance-target"] == served
+        assert chat_count(district) == 1
+    finally:
+        bg_loop.run(district.stop())
 
 
 # Routes from the file.

@@ -14,6 +14,7 @@ answers or first tokens, stalls, streams that drop midway, and error events in a
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -77,7 +78,7 @@ class OpenAIUpstream(LoopbackServer):
 
     # Lifecycle (call through the test's BackgroundLoop).
 
-    async def start(self, port: int = 0) -> OpenAIUpstream:
+    async def start(self, port: int = 0, tls: ssl.SSLContext | None = None) -> OpenAIUpstream:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
@@ -85,7 +86,7 @@ class OpenAIUpstream(LoopbackServer):
         if self.flavor == "vllm":
             app.router.add_get("/health", self._health)
             app.router.add_get("/metrics", self._metrics)
-        await self._serve(app, port or self.port)
+        await self._serve(app, port or self.port, tls)
         return self
 
     @property
