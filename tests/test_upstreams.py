@@ -163,6 +163,29 @@ def test_readyz_shows_every_chain_and_every_url(zones):
     assert '"event":"model chain"' in gw.logs()
 
 
+def test_a_keys_ceiling_can_only_narrow_a_models_chain(tmp_path):
+    """The function a client key's `--max-zone` is applied through (the gateway's key records pass it)."""
+    from appliance.catalog import load_catalog
+    from appliance.config import load_settings
+    from appliance.upstreams.chain import resolve_chains
+
+    config = {
+        "upstreams": {"district": {"zone": "district", "urls": ["https://ai.district.example/v1"]}},
+        "models": {TIER1: {"max_zone": "district"}},
+    }
+    settings = load_settings(write_config(tmp_path, config), nvidia_nim_api_key=CLOUD_KEY)
+    chains = resolve_chains(settings, load_catalog())
+
+    def zones(model: str, key_max_zone: str | None) -> list[str]:
+        return [link.zone for link in chains[model].links_within(key_max_zone)]
+
+    assert zones(TIER2, None) == zones(TIER2, "cloud") == ["box", "district", "cloud"]
+    assert zones(TIER2, "district") == ["box", "district"]
+    assert zones(TIER2, "box") == ["box"]
+    assert zones(TIER1, "cloud") == ["box", "district"]  # a key cannot widen its model's ceiling
+    assert zones(TIER1, "box") == ["box"]
+
+
 # The district's headers.
 
 
