@@ -60,10 +60,11 @@ def run_checks(load: Callable[[], Settings], listening: Listening) -> list[Findi
     findings = [
         config_finding(settings, catalog),
         *policy_findings(settings, catalog),
+        *chain_findings(settings, catalog),
         keys_finding(settings),
     ]
     findings.append(gpu_finding(catalog))
-    findings.append(llm_finding(settings))
+    findings += llm_findings(settings)
     findings.append(whisper_finding(settings, catalog))
     findings.append(tts_finding(settings))
     cloud, cloud_date = cloud_finding(settings, catalog)
@@ -161,11 +162,14 @@ class Answer:
     date: str | None
 
 
-def http(url: str, headers: dict[str, str] | None = None, data: bytes | None = None) -> Answer:
+def http(
+    url: str, headers: dict[str, str] | None = None, data: bytes | None = None, cafile: str | None = None
+) -> Answer:
     """One bounded HTTP call; an HTTP error status is an answer, a network failure raises OSError."""
     request = urllib.request.Request(url, data=data, headers=headers or {})
+    tls = ssl.create_default_context(cafile=cafile) if cafile else None
     try:
-        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT) as resp:
+        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT, context=tls) as resp:
             return Answer(resp.status, resp.read(1 << 20), resp.headers.get("Date"))
     except urllib.error.HTTPError as exc:
         return Answer(exc.code, exc.read(1 << 20), exc.headers.get("Date"))
@@ -176,26 +180,51 @@ def unreachable(exc: OSError) -> str:
     return str(getattr(reason, "strerror", None) or reason)
 
 
-def llm_finding(settings: Settings) -> Finding:
+def llm_findings(settings: Settings) -> list[Finding]:
+    """Every engine URL of the box (several: a pool, one vLLM per GPU) and of the file's other
+    upstreams outside the cloud (a district), each answering an OpenAI model list."""
+    from appliance.upstreams.chain import upstream_specs
+
+    findings = []
+    for spec in upstream_specs(settings).values():
+        if spec.zone == "cloud":
+            continue  # its model list is public and proves nothing: the cloud check calls it
+        setting = "APPLIANCE_LLM_URL" if spec.name == "box" else f"upstreams.{spec.name}.urls"
+        headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
+        for i, url in enumerate(spec.urls):
+            check = "llm engine" if spec.name == "box" else f"upstream {spec.name}"
+            check += f" {i + 1}" if i else ""
+            findings.append(engine_finding(check, url, setting, headers, spec.ca_file))
+    return findings
+
+
+def engine_finding(
+    check: str, url: str, setting: str, headers: dict[str, str], cafile: str | None
+) -> Finding:
     from appliance.routing import model_ids
 
-    url = settings.llm_url
     try:
-        answer = http(f"{url}/models")
+        answer = http(f"{url}/models", headers, cafile=cafile)
     except OSError as exc:
         return Finding(
-            "llm engine",
+            check,
             "warn",
-            f"{url} unreachable ({unreachable(exc)}): chat goes to the cloud where the policy allows",
-            "start vLLM (see `appliance plan`) or correct APPLIANCE_LLM_URL",
+            f"{url} unreachable ({unreachable(exc)}): chat goes to the next upstream where the policy allows",
+            "start vLLM (see `appliance plan`) or correct " + setting,
         )
     served = model_ids(answer.body) if answer.status == 200 else None
     if served is None:
-        fix = "end APPLIANCE_LLM_URL in /v1" if not url.endswith("/v1") else "point it at vLLM's /v1"
-        return Finding(
-            "llm engine", "fail", f"GET {url}/models returned {answer.status}, not a model list", fix
-        )
-    return Finding("llm engine", "ok", f"{url} serves {', '.join(sorted(served)) or 'no models'}")
+        fix = f"end {setting} in /v1" if not url.endswith("/v1") else "point it at vLLM's /v1"
+        return Finding(check, "fail", f"GET {url}/models returned {answer.status}, not a model list", fix)
+    return Finding(check, "ok", f"{url} serves {', '.join(sorted(served)) or 'no models'}")
+
+
+def chain_findings(settings: Settings, catalog: Catalog) -> list[Finding]:
+    """Each chat model's chain of upstreams, nearest zone first, as `appliance serve` logs it."""
+    from appliance.upstreams.chain import effective_catalog, resolve_chains
+
+    chains = resolve_chains(settings, effective_catalog(settings, catalog))
+    return [Finding(f"chain {name}", "ok", chain.describe()) for name, chain in chains.items()]
 
 
 def whisper_finding(settings: Settings, catalog: Catalog) -> Finding:

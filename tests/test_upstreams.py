@@ -153,8 +153,7 @@ def test_cloud_fallback_never_means_the_box_only(zones):
 def test_readyz_shows_every_chain_and_every_url(zones):
     start, _, district, _ = zones
     gw = start(max_zone="district")
-    with gw.http() as http:
-        llm = http.get("/readyz").json()["checks"]["llm"]
+    llm = gw.readyz().json()["checks"]["llm"]
     assert llm["chains"][TIER1] == "box (box) -> district (district); up to district, on_failure"
     assert (
         llm["chains"][TIER2] == "box (box) -> district (district) -> cloud (cloud); up to cloud, on_failure"
@@ -392,8 +391,7 @@ def test_a_dead_pool_member_is_skipped_then_used_again_after_it_recovers(start_g
     a.fail("503")
     a.healthy = False
     assert all(r.status_code == 200 for r in (chat(gw) for _ in range(10)))  # never fails a request
-    with gw.http() as http:
-        urls = http.get("/readyz").json()["checks"]["llm"]["targets"]["box"]["urls"]
+    urls = gw.readyz().json()["checks"]["llm"]["targets"]["box"]["urls"]
     assert [u["breaker"] for u in urls] == ["open", "closed"]
     tried = chat_count(a)
     assert tried in (3, 6)  # the breaker's threshold of three requests (each may retry a blip once)
