@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from tests.conftest import CLOUD_KEY, CLOUD_MODELS, LOCAL_MODELS
-from tests.harness import BackgroundLoop, free_port, run_appliance
+from tests.harness import CLIENT_KEY, BackgroundLoop, clean_env, free_port, run_appliance
 from tests.sims.openai_upstream import OpenAIUpstream
 
 TIER1, TIER2 = CLOUD_MODELS
@@ -184,6 +184,25 @@ def test_a_keys_ceiling_can_only_narrow_a_models_chain(tmp_path):
     assert zones(TIER2, "box") == ["box"]
     assert zones(TIER1, "cloud") == ["box", "district"]  # a key cannot widen its model's ceiling
     assert zones(TIER1, "box") == ["box"]
+
+
+def test_doctor_shows_each_chain_and_checks_every_engine_url(engines, tmp_path):
+    box, box2, district = engines(), engines(), engines()
+    config = {
+        "upstreams": {"district": {"zone": "district", "urls": [district.base_url]}},
+        "models": {TIER1: {"max_zone": "district"}},
+    }
+    env = clean_env(
+        APPLIANCE_API_KEYS=CLIENT_KEY,
+        APPLIANCE_DATA_DIR=str(tmp_path / "data"),
+        APPLIANCE_LLM_URL=f"{box.base_url},{box2.base_url}",
+        APPLIANCE_CONFIG=write_config(tmp_path, config),
+    )
+    out = run_appliance("doctor", env=env).stdout
+    assert f"ok    chain {TIER1}: box (box) -> district (district); up to district, on_failure" in out
+    assert f"ok    llm engine: {box.base_url} serves" in out
+    assert f"ok    llm engine 2: {box2.base_url} serves" in out
+    assert f"ok    upstream district: {district.base_url} serves" in out
 
 
 # The district's headers.
