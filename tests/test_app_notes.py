@@ -21,7 +21,7 @@ def test_model_in_an_answer_is_the_model_that_served_it(start_gateway, local_llm
     )
     client = gw.client()
     local = client.chat.completions.with_raw_response.create(model=TIER1, messages=MESSAGES)
-    assert (local.headers["x-appliance-target"], local.parse().model) == ("local", LOCAL_TIER1)
+    assert (local.headers["x-appliance-target"], local.parse().model) == ("box", LOCAL_TIER1)
     chunks = list(client.chat.completions.create(model=TIER1, messages=MESSAGES, stream=True))
     assert {c.model for c in chunks} == {LOCAL_TIER1}
     local_llm.fail("503")
