@@ -43,6 +43,8 @@ class AppState:
     availability: dict[str, Callable[[Route], bool]] = field(default_factory=dict)
     # (method, path) -> handler served before the framework's stack (the relay's hot path).
     fast_routes: dict[tuple[str, str], FastHandler] = field(default_factory=dict)
+    # name -> an engine one feature owns and another uses ("stt": the SpeechEngine).
+    services: dict[str, Any] = field(default_factory=dict)
     startup: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
@@ -114,9 +116,10 @@ def create_app(settings: Settings, keys: KeyStore | None = None) -> GatewayMiddl
 
 def _feature_installers() -> list[Callable[[FastAPI, AppState], None]]:
     """Each feature module registers its routes, readiness and background tasks."""
-    from appliance import chat, gpu_monitor, speech, transcription
+    from appliance import chat, gpu_monitor, realtime, speech, transcription
 
-    return [chat.install, transcription.install, speech.install, gpu_monitor.install]
+    # realtime after transcription: it uses the speech-to-text engine that transcription installs.
+    return [chat.install, transcription.install, realtime.install, speech.install, gpu_monitor.install]
 
 
 def _install_common_routes(app: FastAPI, state: AppState) -> None:

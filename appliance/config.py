@@ -123,6 +123,20 @@ class Settings(BaseSettings):
     # Requests in progress (upload, decode, inference) before new ones get a 429: bounds memory.
     stt_max_pending: int = _env("APPLIANCE_STT_MAX_PENDING", 16, ge=1)
 
+    # Live dictation (appliance.realtime): OpenAI's Realtime transcription sessions over WebSocket.
+    realtime_max_sessions: int = _env("APPLIANCE_REALTIME_MAX_SESSIONS", 30, ge=1)  # open at once
+    # New sessions are refused while partial passes wait longer than this for the engine (seconds).
+    realtime_max_lag: float = _env("APPLIANCE_REALTIME_MAX_LAG", 1.5, gt=0)
+    # Seconds of new audio in an open turn before the next partial pass.
+    realtime_partial_interval: float = _env("APPLIANCE_REALTIME_PARTIAL_INTERVAL", 0.5, gt=0)
+    realtime_max_turn_seconds: float = _env("APPLIANCE_REALTIME_MAX_TURN_SECONDS", 30.0, gt=1, le=30)
+    realtime_max_append_bytes: int = _env("APPLIANCE_REALTIME_MAX_APPEND_BYTES", 1024 * 1024, gt=0)  # decoded
+    realtime_idle_timeout: float = _env("APPLIANCE_REALTIME_IDLE_TIMEOUT", 60.0, gt=0)  # s without a message
+    realtime_max_session_seconds: float = _env("APPLIANCE_REALTIME_MAX_SESSION_SECONDS", 3600.0, gt=0)
+    # A client that leaves this many bytes of events unread, or one send blocked this long, is cut off.
+    realtime_send_buffer_bytes: int = _env("APPLIANCE_REALTIME_SEND_BUFFER_BYTES", 1024 * 1024, gt=0)
+    realtime_send_timeout: float = _env("APPLIANCE_REALTIME_SEND_TIMEOUT", 10.0, gt=0)
+
     # Clients.
     api_keys: SecretStr | None = _env("APPLIANCE_API_KEYS")  # comma-separated
     keys_file: Path | None = _env("APPLIANCE_KEYS_FILE")

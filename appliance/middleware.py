@@ -57,6 +57,30 @@ def bearer_token(scope: Scope) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
+# Browsers cannot set headers on a WebSocket, so OpenAI's clients offer the key as a subprotocol.
+KEY_SUBPROTOCOL = "openai-insecure-api-key."
+
+
+def _subprotocol_key(scope: Scope) -> str | None:
+    for protocol in scope.get("subprotocols", ()):
+        if protocol.startswith(KEY_SUBPROTOCOL) and len(protocol) > len(KEY_SUBPROTOCOL):
+            return protocol[len(KEY_SUBPROTOCOL) :]
+    return None
+
+
+async def deny_websocket(scope: Scope, receive: Receive, send: Send, error: APIError) -> None:
+    """Refuse a WebSocket upgrade with the error's HTTP status and OpenAI-shaped body where the server
+    can send one (uvicorn can), else with a policy-violation close."""
+    await receive()  # websocket.connect
+    if "websocket.http.response" in scope.get("extensions", {}):
+        headers = [(b"content-type", b"application/json")]
+        headers += [(k.encode(), v.encode()) for k, v in error.headers.items()]
+        await send({"type": "websocket.http.response.start", "status": error.status, "headers": headers})
+        await send({"type": "websocket.http.response.body", "body": error.body()})
+    else:
+        await send({"type": "websocket.close", "code": 1008, "reason": error.message[:120]})
+
+
 class RequestIds:
     """Unique, cheap request ids: a random per-process prefix and a counter (no syscall per request)."""
 
@@ -80,6 +104,9 @@ class GatewayMiddleware:
         self.ids = RequestIds()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -121,10 +148,21 @@ class GatewayMiddleware:
         finally:
             self._log(scope, ctx, status, started, error is not None, fast is not None)
 
-    def _authenticate(self, scope: Scope, ctx: RequestContext) -> APIError | None:
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A WebSocket upgrade: the same key check as every request, then the app; the session
+        writes its own log line when it ends."""
+        ctx = RequestContext(self.ids.next())
+        scope.setdefault("state", {})["ctx"] = ctx
+        error = self._authenticate(scope, ctx, bearer_token(scope) or _subprotocol_key(scope))
+        if error is not None:
+            await deny_websocket(scope, receive, send, error)
+            return
+        await self.app(scope, receive, send)
+
+    def _authenticate(self, scope: Scope, ctx: RequestContext, token: str | None = None) -> APIError | None:
         if scope["path"] in OPEN_PATHS:
             return None
-        token = bearer_token(scope)
+        token = token or bearer_token(scope)
         if token is None:
             return APIError(
                 401, "Missing API key: send 'Authorization: Bearer <key>'.", code="missing_api_key"

@@ -277,11 +277,17 @@ class SpeechEngine:
         """Decode and transcribe `data` in one worker job (AudioError for audio it cannot use)."""
 
         def run() -> Transcript:
-            audio = decode_audio(data, self.settings.stt_max_seconds)
-            language, segments = self.segments(audio.samples, options)
-            return Transcript(options.task, language, audio.duration, list(segments))
+            return self._transcript(decode_audio(data, self.settings.stt_max_seconds), options)
 
         return await self._in_pool(run)
+
+    async def transcribe_audio(self, audio: DecodedAudio, options: TranscribeOptions) -> Transcript:
+        """Transcribe samples already decoded (live dictation) exactly as an upload of them would be."""
+        return await self._in_pool(self._transcript, audio, options)
+
+    def _transcript(self, audio: DecodedAudio, options: TranscribeOptions) -> Transcript:
+        language, segments = self.segments(audio.samples, options)
+        return Transcript(options.task, language, audio.duration, list(segments))
 
     async def stream(self, samples: np.ndarray, options: TranscribeOptions) -> AsyncIterator[Segment]:
         """Segments as the worker decodes them; closing the iterator stops the worker early."""

@@ -52,6 +52,7 @@ def install(app: FastAPI, state: AppState) -> None:
     for route in state.catalog.routes_of_kind("stt"):
         state.catalog.rename(route.name, engine.name)
     admission = Admission(state.settings.stt_max_pending, "speech-to-text")
+    state.services["stt"] = engine  # live dictation (appliance.realtime) shares the engine
     state.readiness["stt"] = engine.status
     state.availability["stt"] = lambda route: engine.ready
     state.startup.append(engine.start)
