@@ -20,7 +20,13 @@ COMPLETED = "conversation.item.input_audio_transcription.completed"
 DELTA = "conversation.item.input_audio_transcription.delta"
 # Whisper base's feature extractor (80 mel bins); the packaged model ships none and the model store
 # wants one in every model folder.
-BASE_PREPROCESSOR = {"feature_size": 80, "sampling_rate": 16000, "hop_length": 160, "chunk_length": 30, "n_fft": 400}
+BASE_PREPROCESSOR = {
+    "feature_size": 80,
+    "sampling_rate": 16000,
+    "hop_length": 160,
+    "chunk_length": 30,
+    "n_fft": 400,
+}
 
 
 def servable_whisper_base(packaged: Path, target: Path) -> Path:
@@ -112,7 +118,8 @@ class Recorder:
                     return events
                 left = deadline - time.monotonic()
                 if left <= 0 or self.done:
-                    raise AssertionError(f"gave up waiting; got {[e.type for e in events]}, closed: {self.closed}")
+                    got = [e.type for e in events]
+                    raise AssertionError(f"gave up waiting; got {got}, closed: {self.closed}")
                 self._changed.wait(left)
 
     def wait_for(self, kind: str, count: int = 1, timeout: float = 60) -> list[Any]:

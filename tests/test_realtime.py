@@ -50,7 +50,7 @@ def client(gw: Gateway) -> openai.OpenAI:
     return gw.client(timeout=120)
 
 
-def connect(client: openai.OpenAI):  # noqa: ANN201 - the SDK's connection manager
+def connect(client: openai.OpenAI):
     return client.realtime.connect(extra_query={"intent": "transcription"})
 
 
@@ -102,9 +102,9 @@ def test_deltas_come_early_never_change_and_the_completed_text_is_the_uploads(gw
 
 def test_server_vad_splits_two_sentences_at_the_pause(client):
     first, second = "The cat sat on the mat.", "My brother likes to read books."
+    pause = silence(1.5, PCM_RATE)
     audio = np.concatenate(
-        [silence(0.5, PCM_RATE), speak(first, rate=PCM_RATE), silence(1.5, PCM_RATE)]
-        + [speak(second, rate=PCM_RATE), silence(1.5, PCM_RATE)]
+        [silence(0.5, PCM_RATE), speak(first, rate=PCM_RATE), pause, speak(second, rate=PCM_RATE), pause]
     )
     vad = {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 700}
     with connect(client) as conn:
