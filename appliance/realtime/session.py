@@ -229,6 +229,8 @@ class Session:
             try:
                 message = await asyncio.wait_for(self.ws.receive(), max(timeout, 0))
             except TimeoutError:
+                if self.finals and time.monotonic() < deadline:
+                    continue  # the client waits for us: idle is only a client with nothing pending
                 if time.monotonic() >= deadline:
                     raise ProtocolError(
                         f"The session reached its limit of {self.settings.realtime_max_session_seconds:g} s; "
