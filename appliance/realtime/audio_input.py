@@ -47,20 +47,16 @@ def decode_append(audio: object, fmt: AudioFormat, max_bytes: int) -> np.ndarray
         raise ProtocolError(
             "'audio' must be base64-encoded audio.", param="audio", code="invalid_audio", fatal=True
         )
-    if len(audio) > max_bytes * 4 // 3 + 4:
-        raise ProtocolError(
-            f"The append is larger than this appliance accepts ({max_bytes} bytes of audio a message); "
-            "send smaller chunks.",
-            param="audio",
-            code="append_too_large",
-            fatal=True,
-        )
+    if len(audio) > (max_bytes + 2) // 3 * 4:  # refused before decoding: the base64 alone is too long
+        raise too_large(max_bytes)
     try:
         data = base64.b64decode(audio, validate=True)
     except (binascii.Error, ValueError):
         raise ProtocolError(
             "'audio' is not valid base64.", param="audio", code="invalid_audio", fatal=True
         ) from None
+    if len(data) > max_bytes:
+        raise too_large(max_bytes)
     if fmt == "pcm16":
         if len(data) % 2:
             raise ProtocolError(
@@ -71,6 +67,16 @@ def decode_append(audio: object, fmt: AudioFormat, max_bytes: int) -> np.ndarray
             )
         return np.frombuffer(data, dtype="<i2")
     return G711_TABLES[fmt][np.frombuffer(data, dtype=np.uint8)]
+
+
+def too_large(max_bytes: int) -> ProtocolError:
+    return ProtocolError(
+        f"The append is larger than this appliance accepts ({max_bytes} bytes of audio a message); "
+        "send smaller chunks.",
+        param="audio",
+        code="append_too_large",
+        fatal=True,
+    )
 
 
 class Resampler:

@@ -41,6 +41,11 @@ UPDATE_EVENTS: dict[str, Dialect] = {"session.update": "ga", "transcription_sess
 CLOSE_POLICY, CLOSE_BUSY, CLOSE_ERROR = 1008, 1013, 1011
 
 
+def not_reading() -> ProtocolError:
+    message = "The client is not reading the session's events; closing the session."
+    return ProtocolError(message, code="client_not_reading", fatal=True)
+
+
 @dataclass
 class Turn:
     item_id: str
@@ -98,10 +103,10 @@ class Session:
             self.admission.admit()
             self.engine.require_ready()
         except ProtocolError as exc:
-            await self._refuse(exc, CLOSE_BUSY)
+            await self._last_word(exc, CLOSE_BUSY)
             return
         except APIError as exc:
-            await self._refuse(
+            await self._last_word(
                 ProtocolError(exc.message, code=exc.code or "unavailable", type=exc.type), CLOSE_ERROR
             )
             return
@@ -153,32 +158,34 @@ class Session:
     async def _fail(
         self, exc: ProtocolError, tasks: list[asyncio.Task[Any]], code: int = CLOSE_POLICY
     ) -> None:
-        """Tell the client why (as the last event, if it still reads) and close."""
-        tasks[1].cancel()
-        tasks[2].cancel()
-        sender = tasks[0]
-        if sender.done() or self.close_reason == "not_reading":
-            await self._close(code, exc.message)
+        """Tell the client why, as the last event, and close."""
+        sender, *others = tasks
+        for task in others:
+            task.cancel()
+        if sender.done() or exc.code == "client_not_reading":
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+            await self._last_word(exc, code)
             return
         self.emit(self.events.error(exc), force=True)
-        self.outbox.put_nowait(None)
-        with contextlib.suppress(asyncio.TimeoutError, Exception):
+        self.outbox.put_nowait(None)  # the sender ends after the error event
+        with contextlib.suppress(Exception):
             await asyncio.wait_for(sender, self.settings.realtime_send_timeout)
         await self._close(code, exc.message)
 
-    async def _refuse(self, exc: ProtocolError, code: int) -> None:
+    async def _last_word(self, exc: ProtocolError, code: int) -> None:
+        """The error event and the close, sent directly, each with a bound: the client may not read."""
         self.close_reason = exc.code
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(
-                self.ws.send_text(orjson.dumps(self.events.error(exc)).decode()),
-                self.settings.realtime_send_timeout,
-            )
+            event = orjson.dumps(self.events.error(exc)).decode()
+            await asyncio.wait_for(self.ws.send_text(event), self.settings.realtime_send_timeout)
         await self._close(code, exc.message)
 
     async def _close(self, code: int, reason: str) -> None:
-        # A close frame is at most 125 bytes; a client that does not read is not waited on for long.
+        # Waited on past the server's own close timeout (websockets: 10 s), after which it fails the
+        # connection of a client that never takes the close frame; cut shorter, it would not.
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.ws.close(code, reason.encode()[:120].decode(errors="ignore")), 2)
+            await asyncio.wait_for(self.ws.close(code, reason.encode()[:120].decode(errors="ignore")), 12)
 
     def _log(self, started: float) -> None:
         event(
@@ -197,11 +204,7 @@ class Session:
     def emit(self, body: dict[str, Any], force: bool = False) -> None:
         data = orjson.dumps(body)
         if not force and self.unsent + len(data) > self.settings.realtime_send_buffer_bytes:
-            self.close_reason = "not_reading"
-            raise ProtocolError(
-                "The client is not reading the session's events; closing the session.",
-                code="client_not_reading",
-            )
+            raise not_reading()
         self.unsent += len(data)
         self.outbox.put_nowait(data)
 
@@ -211,11 +214,7 @@ class Session:
                 # Events go out as text frames, as OpenAI sends them (orjson gives UTF-8 bytes).
                 await asyncio.wait_for(self.ws.send_text(data.decode()), self.settings.realtime_send_timeout)
             except TimeoutError:
-                self.close_reason = "not_reading"
-                raise ProtocolError(
-                    "The client is not reading the session's events; closing the session.",
-                    code="client_not_reading",
-                ) from None
+                raise not_reading() from None
             except (WebSocketDisconnect, RuntimeError, OSError):
                 raise ClientGone("client_closed") from None
             self.unsent -= len(data)
