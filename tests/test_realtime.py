@@ -12,7 +12,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import openai
 import pytest
@@ -55,7 +54,7 @@ def connect(client: openai.OpenAI):
 
 
 def realtime_status(gw: Gateway) -> dict:
-    return httpx.get(gw.url + "/readyz").json()["checks"]["realtime"]
+    return gw.readyz().json()["checks"]["realtime"]
 
 
 def test_deltas_come_early_never_change_and_the_completed_text_is_the_uploads(gw, client):

@@ -12,7 +12,6 @@ import threading
 import time
 from collections.abc import Iterator
 
-import httpx
 import numpy as np
 import openai
 import pytest
@@ -60,7 +59,7 @@ def ws_url(gw: Gateway, query: str = "intent=transcription") -> str:
 
 
 def realtime_status(gw: Gateway) -> dict:
-    return httpx.get(gw.url + "/readyz").json()["checks"]["realtime"]
+    return gw.readyz().json()["checks"]["realtime"]
 
 
 def wait_until_no_sessions(gw: Gateway, timeout: float = 30) -> dict:
