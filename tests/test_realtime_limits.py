@@ -242,3 +242,50 @@ def test_past_the_session_cap_a_new_session_is_refused_cleanly(gw, client):
         stop.set()
         for manager in managers:
             manager.__exit__(None, None, None)
+
+
+def test_while_passes_wait_past_the_bound_new_sessions_are_refused(tmp_path):
+    """The engine is the bottleneck (one slot, a bound of 10 ms): sessions already dictating keep it
+    busy, and a newcomer is refused instead of slowing them."""
+    gw = start_stt_gateway(
+        tmp_path,
+        "lag",
+        APPLIANCE_STT_MODEL=str(build_tiny_whisper(tmp_path / "whisper")),
+        APPLIANCE_STT_WORKERS="1",
+        APPLIANCE_REALTIME_MAX_LAG="0.01",
+        APPLIANCE_REALTIME_PARTIAL_INTERVAL="0.1",
+    )
+    client = gw.client(timeout=60)
+    stop = threading.Event()
+
+    def dictate() -> None:
+        with connect(client) as conn:
+            conn.session.update(session=ga_session(turn_detection=None))
+            while not stop.is_set():
+                conn.input_audio_buffer.append(audio=b64(pcm16(TONE)))
+                time.sleep(0.1)
+                if realtime_status(gw)["buffered_bytes"] > 16000 * 4 * 20:
+                    conn.input_audio_buffer.clear()
+
+    talkers = [threading.Thread(target=dictate, daemon=True) for _ in range(3)]
+    for talker in talkers:
+        talker.start()
+    try:
+        refusal = None
+        deadline = time.monotonic() + 60
+        while refusal is None and time.monotonic() < deadline:
+            with connect(client) as conn:
+                events = Recorder(conn)
+                first = events.wait(lambda e: bool(e), timeout=30)[0]
+                if first.type == "error":
+                    refusal = first
+                    closed = events.wait_closed()
+            time.sleep(0.2)
+        assert refusal is not None, "a newcomer was let in however long passes waited"
+        assert refusal.error["code"] == "busy" and "too busy" in refusal.error["message"]
+        assert closed is not None and closed.rcvd is not None and closed.rcvd.code == 1013
+    finally:
+        stop.set()
+        for talker in talkers:
+            talker.join(30)
+        gw.stop()

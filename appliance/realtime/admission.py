@@ -40,7 +40,7 @@ class Admission:
             raise _busy(
                 f"The appliance is serving its limit of {self.max_sessions} live transcription sessions."
             )
-        if self.lag > self.max_lag:
+        if self._waiting and self.lag > self.max_lag:  # no queue now: the past waits no longer count
             raise _busy(
                 f"The appliance is too busy to keep live transcription's latency "
                 f"(passes wait {self.lag:.1f} s for the engine)."
