@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,26 +16,6 @@ from websockets.exceptions import ConnectionClosed
 PCM_RATE = 24000
 COMPLETED = "conversation.item.input_audio_transcription.completed"
 DELTA = "conversation.item.input_audio_transcription.delta"
-# Whisper base's feature extractor (80 mel bins); the packaged model ships none and the model store
-# wants one in every model folder.
-BASE_PREPROCESSOR = {
-    "feature_size": 80,
-    "sampling_rate": 16000,
-    "hop_length": 160,
-    "chunk_length": 30,
-    "n_fft": 400,
-}
-
-
-def servable_whisper_base(packaged: Path, target: Path) -> Path:
-    """A model folder the gateway loads: the packaged Whisper base's files, linked, plus its
-    preprocessor config."""
-    target.mkdir(parents=True, exist_ok=True)
-    for f in packaged.iterdir():
-        if not (target / f.name).exists():
-            os.symlink(f, target / f.name)
-    (target / "preprocessor_config.json").write_text(json.dumps(BASE_PREPROCESSOR))
-    return target
 
 
 def pcm16(samples: np.ndarray) -> bytes:

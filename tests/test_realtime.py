@@ -27,7 +27,6 @@ from tests.realtime_client import (
     chunks,
     ga_session,
     pcm16,
-    servable_whisper_base,
 )
 from tests.stt_gateway import start_stt_gateway
 
@@ -38,8 +37,9 @@ CHUNK = PCM_RATE * 2 // 10  # 100 ms of PCM16
 @pytest.fixture(scope="module")
 def gw(real_whisper_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     tmp = tmp_path_factory.mktemp("realtime")
-    model = servable_whisper_base(real_whisper_dir, tmp / "whisper-base")
-    gateway = start_stt_gateway(tmp, "real", APPLIANCE_STT_MODEL=str(model), APPLIANCE_STT_WORKERS="1")
+    gateway = start_stt_gateway(
+        tmp, "real", APPLIANCE_STT_MODEL=str(real_whisper_dir), APPLIANCE_STT_WORKERS="1"
+    )
     yield gateway
     gateway.stop()
 

@@ -288,10 +288,9 @@ class Session:
         config = apply_update(self.config, body, dialect)
         try:
             self.state.require_route(config.model, "stt")
+            self.engine.check(TranscribeOptions(language=config.language))  # an English-only model
         except APIError as exc:
-            raise ProtocolError(
-                exc.message, code=exc.code or "model_not_found", param="session.model"
-            ) from None
+            raise ProtocolError(exc.message, code=exc.code or "invalid_request", param=exc.param) from None
         if config.format != self.config.format:
             self.resampler = Resampler(config.format)
         self.turns.vad = config.turn_detection
@@ -369,7 +368,9 @@ class Session:
     # Passes over the audio.
 
     def _options(self) -> TranscribeOptions:
-        return TranscribeOptions(language=self.config.language, prompt=self.config.prompt)
+        # As an upload answered in json: the text only, no segment timestamps.
+        config = self.config
+        return TranscribeOptions(language=config.language, prompt=config.prompt, segment_timestamps=False)
 
     def _partial_due(self) -> bool:
         turn = self.open

@@ -36,7 +36,6 @@ from tests.realtime_client import (
     chunks,
     ga_session,
     pcm16,
-    servable_whisper_base,
 )
 from tests.stt_gateway import start_stt_gateway
 
@@ -133,7 +132,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        model = args.model or servable_whisper_base(whisper_base(tmp / "packaged"), tmp / "model")
+        model = args.model or whisper_base(tmp / "model")
         gw = start_stt_gateway(tmp, "bench", APPLIANCE_STT_MODEL=str(model))
         try:
             audio = passage()
