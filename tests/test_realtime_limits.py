@@ -289,3 +289,19 @@ def test_while_passes_wait_past_the_bound_new_sessions_are_refused(tmp_path):
         for talker in talkers:
             talker.join(30)
         gw.stop()
+
+
+def test_without_a_model_a_session_is_refused_with_the_reason(tmp_path):
+    gw = start_stt_gateway(tmp_path, "missing", APPLIANCE_STT_MODEL="large-v3")
+    try:
+        with connect(gw.client(timeout=30)) as conn:
+            events = Recorder(conn)
+            (error,) = events.wait_for("error", timeout=30)
+            closed = events.wait_closed()
+        assert (
+            error.error["code"] == "model_unavailable" and "appliance models pull" in error.error["message"]
+        )
+        assert closed is not None and closed.rcvd is not None and closed.rcvd.code == 1011
+        assert realtime_status(gw)["sessions"] == 0
+    finally:
+        gw.stop()

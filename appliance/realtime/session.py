@@ -100,20 +100,21 @@ class Session:
         started = time.perf_counter()
         await self.ws.accept(subprotocol=_subprotocol(self.ws.scope.get("subprotocols", ())))
         try:
-            self.admission.admit()
-            self.engine.require_ready()
-        except ProtocolError as exc:
-            await self._last_word(exc, CLOSE_BUSY)
-            return
-        except APIError as exc:
-            await self._last_word(
-                ProtocolError(exc.message, code=exc.code or "unavailable", type=exc.type), CLOSE_ERROR
-            )
-            return
-        try:
-            await self._serve()
+            try:
+                self.engine.require_ready()
+                self.admission.admit()
+            except ProtocolError as exc:
+                await self._last_word(exc, CLOSE_BUSY)
+                return
+            except APIError as exc:
+                refusal = ProtocolError(exc.message, code=exc.code or "unavailable", type=exc.type)
+                await self._last_word(refusal, CLOSE_ERROR)
+                return
+            try:
+                await self._serve()
+            finally:
+                self.admission.leave(id(self))
         finally:
-            self.admission.leave(id(self))
             self._log(started)
 
     async def _serve(self) -> None:
