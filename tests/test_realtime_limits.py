@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 
+import httpx
 import numpy as np
 import openai
 import pytest
@@ -230,6 +231,9 @@ def test_past_the_session_cap_a_new_session_is_refused_cleanly(gw, client):
         with connect(client) as extra:
             events = Recorder(extra)
             assert_error_and_close(events, "busy", close=1013)
+        metrics = httpx.get(gw.url + "/metrics").text
+        assert 'appliance_realtime_sessions_closed_total{reason="busy"}' in metrics
+        assert f"appliance_realtime_sessions {MAX_SESSIONS}.0" in metrics
         open_.pop(0)
         managers.pop(0).__exit__(None, None, None)
         deadline = time.monotonic() + 10

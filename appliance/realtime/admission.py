@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from appliance.realtime.metrics import FINAL_WAIT, PARTIAL_WAIT, SESSIONS
 from appliance.realtime.protocol import ProtocolError
 
 # Weight of the newest wait in the running average: about the last ten passes count.
@@ -46,9 +47,11 @@ class Admission:
                 f"(passes wait {self.lag:.1f} s for the engine)."
             )
         self.sessions += 1
+        SESSIONS.inc()
 
     def leave(self, session: int) -> None:
         self.sessions -= 1
+        SESSIONS.dec()
         self.buffered.pop(session, None)
         if self.sessions == 0:
             self.lag = 0.0  # nobody waits any more
@@ -70,6 +73,7 @@ class Admission:
                     self._release()  # handed a slot just as the session ended: pass it on
                 raise
         waited = time.perf_counter() - asked
+        (FINAL_WAIT if final else PARTIAL_WAIT).observe(waited)
         self.lag += _SMOOTHING * (waited - self.lag)
         self.passes += 1
         try:

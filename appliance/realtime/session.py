@@ -30,6 +30,7 @@ from appliance.log import event
 from appliance.middleware import request_context
 from appliance.realtime.admission import Admission
 from appliance.realtime.audio_input import Resampler, decode_append
+from appliance.realtime.metrics import AUDIO_SECONDS, CLOSED
 from appliance.realtime.protocol import Dialect, Events, ProtocolError, SessionConfig, apply_update
 from appliance.realtime.stable import StablePrefix
 from appliance.realtime.turns import SpeechProbability, SpeechStarted, SpeechStopped, Turns
@@ -189,6 +190,8 @@ class Session:
             await asyncio.wait_for(self.ws.close(code, reason.encode()[:120].decode(errors="ignore")), 12)
 
     def _log(self, started: float) -> None:
+        CLOSED.labels(self.close_reason).inc()
+        AUDIO_SECONDS.inc(self.audio_seconds)
         event(
             "realtime_session",
             request_id=self.ctx.request_id,
