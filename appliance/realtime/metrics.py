@@ -17,3 +17,8 @@ PASS_WAIT = Histogram(
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
 )
 PARTIAL_WAIT, FINAL_WAIT = PASS_WAIT.labels("partial"), PASS_WAIT.labels("final")
+DIVERGED = Counter(
+    "appliance_realtime_turns_diverged_total",
+    "Turns whose final pass read an already-sent word differently (the completed text then differs "
+    "from the deltas).",
+)

@@ -30,7 +30,7 @@ from appliance.log import event
 from appliance.middleware import request_context
 from appliance.realtime.admission import Admission
 from appliance.realtime.audio_input import Resampler, decode_append
-from appliance.realtime.metrics import AUDIO_SECONDS, CLOSED
+from appliance.realtime.metrics import AUDIO_SECONDS, CLOSED, DIVERGED
 from appliance.realtime.protocol import Dialect, Events, ProtocolError, SessionConfig, apply_update
 from appliance.realtime.stable import StablePrefix
 from appliance.realtime.turns import SpeechProbability, SpeechStarted, SpeechStopped, Turns
@@ -428,7 +428,9 @@ class Session:
             )
             return
         rest = turn.stable.finish(text)
-        if rest:
+        if rest is None:
+            DIVERGED.inc()
+        elif rest:
             self.emit(self._delta(turn, rest))
         seconds = round(len(final.audio) / SAMPLE_RATE, 3)
         self.emit(

@@ -29,6 +29,7 @@ import numpy as np
 from tests.harness import Gateway
 from tests.real_speech import silence, speak, wav_bytes, whisper_base, words
 from tests.realtime_client import (
+    COMPLETED,
     DELTA,
     PCM_RATE,
     Recorder,
@@ -89,10 +90,14 @@ def session(gw: Gateway, pcm: bytes, results: list, refused: list) -> None:
         for i, piece in enumerate(chunks(pcm, int(PCM_RATE * 2 * CHUNK_SECONDS))):
             time.sleep(max(0.0, start + (i + 1) * CHUNK_SECONDS - time.monotonic()))  # as it is spoken
             conn.input_audio_buffer.append(audio=b64(piece))
-        events.wait_for("conversation.item.input_audio_transcription.completed", count=2, timeout=600)
+        completed = events.wait_for(COMPLETED, count=2, timeout=600)
         with events._changed:
-            deltas = [(t, e.delta) for t, e in events.events if e.type == DELTA]
-        results.append((start, deltas))
+            deltas = [(t, e) for t, e in events.events if e.type == DELTA]
+        # Turns whose deltas add up to the completed text (the final pass kept every word sent).
+        kept = sum(
+            "".join(d.delta for _, d in deltas if d.item_id == c.item_id) == c.transcript for c in completed
+        )
+        results.append((start, [(t, d.delta) for t, d in deltas], kept, len(completed)))
 
 
 def cpu_seconds(pid: int) -> float:
@@ -112,7 +117,7 @@ def run_round(gw: Gateway, n: int, audio: np.ndarray, ends: list[tuple[str, floa
     for t in threads:
         t.join()
     cpu = cpu_seconds(gw.proc.pid) - cpu_before
-    lat = sorted(x for start, deltas in results for x in latencies(deltas, ends, start))
+    lat = sorted(x for start, deltas, _, _ in results for x in latencies(deltas, ends, start))
     audio_seconds = len(audio) / PCM_RATE * len(results)
     return {
         "sessions": n,
@@ -121,6 +126,8 @@ def run_round(gw: Gateway, n: int, audio: np.ndarray, ends: list[tuple[str, floa
         "median": statistics.median(lat) if lat else float("nan"),
         "p95": lat[min(len(lat) - 1, int(0.95 * len(lat)))] if lat else float("nan"),
         "cpu_per_audio_s": cpu / audio_seconds if audio_seconds else float("nan"),
+        "kept": sum(r[2] for r in results),
+        "turns": sum(r[3] for r in results),
     }
 
 
@@ -146,12 +153,15 @@ def main() -> None:
     print(f"Live dictation, {seconds:.1f} s passage streamed in real time per session, server VAD,")
     print(f"model {model.name if args.model else 'Whisper base (int8, CPU)'}, {os.cpu_count()} CPU cores.\n")
     print(f"One pass (an upload of the passage, through the same engine) took {one_pass:.2f} s.\n")
-    print("| sessions | refused | words timed | word end -> delta median (s) | p95 (s) | CPU s per audio s |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print(
+        "| sessions | refused | words timed | word end -> delta median (s) | p95 (s) | CPU s per audio s "
+        "| turns whose deltas = completed |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(
             f"| {r['sessions']} | {r['refused']} | {r['words']} | {r['median']:.2f} | {r['p95']:.2f} "
-            f"| {r['cpu_per_audio_s']:.2f} |"
+            f"| {r['cpu_per_audio_s']:.2f} | {r['kept']}/{r['turns']} |"
         )
     held = [r["sessions"] for r in rows if not r["refused"] and r["p95"] <= args.bound]
     print(f"\nSessions held with p95 <= {args.bound:g} s: {max(held) if held else 0}")
