@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -13,67 +11,16 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
-from starlette.types import ASGIApp
 
 from appliance import __version__
-from appliance.auth import AdminKeys, KeyStore
-from appliance.catalog import Catalog, Route, load_catalog
+from appliance.catalog import Route, load_catalog
 from appliance.config import Settings
 from appliance.errors import APIError, model_not_found
+from appliance.governance import Governance
 from appliance.metrics import exposition
-from appliance.middleware import FastHandler, GatewayMiddleware, bearer_token
+from appliance.middleware import GatewayMiddleware, bearer_token
+from appliance.state import AppState
 from appliance.upstreams.chain import effective_catalog
-
-Check = Callable[[], dict[str, Any]]
-
-
-@dataclass
-class AppState:
-    """What the features share. Features register their readiness and availability here."""
-
-    settings: Settings
-    catalog: Catalog
-    keys: KeyStore
-    admin_keys: AdminKeys
-    started: int = field(default_factory=lambda: int(time.time()))
-    http: aiohttp.ClientSession | None = None  # pooled client for the speech NIM (LLM targets: upstream_http)
-    # name -> {"ready": bool, ...}; shown on /readyz.
-    readiness: dict[str, Check] = field(default_factory=dict)
-    # kind ("llm", "stt", "tts") -> whether a route of that kind can be served now.
-    availability: dict[str, Callable[[Route], bool]] = field(default_factory=dict)
-    # (method, path) -> handler served before the framework's stack (the relay's hot path).
-    fast_routes: dict[tuple[str, str], FastHandler] = field(default_factory=dict)
-    # name -> an engine one feature owns and another uses ("stt": the SpeechEngine).
-    services: dict[str, Any] = field(default_factory=dict)
-    startup: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
-    shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
-
-    def add_fast_route(self, app: FastAPI, path: str, handler: FastHandler) -> None:
-        """A POST route the gateway layer serves ahead of the framework's stack. The framework knows
-        it too, so that other methods get its 405."""
-        self.fast_routes[("POST", path)] = handler
-
-        async def endpoint(request: Request) -> ASGIApp:
-            return await handler(request.scope, request.receive)
-
-        app.add_route(path, endpoint, methods=["POST"])
-
-    def available(self, route: Route) -> bool:
-        check = self.availability.get(route.kind)
-        return check is not None and check(route)
-
-    def require_route(self, model: Any, kind: str) -> Route:
-        """The route for a request's `model`, or the 4xx that explains why there is none."""
-        if not isinstance(model, str) or not model:
-            raise APIError(400, "'model' is required and must be a string.", param="model")
-        route = self.catalog.route(model)
-        if route is None or route.kind != kind:
-            raise model_not_found(model)
-        return route
-
-
-def app_state(request: Request) -> AppState:
-    return request.app.state.appliance
 
 
 def new_http_client(settings: Settings) -> aiohttp.ClientSession:
@@ -84,14 +31,16 @@ def new_http_client(settings: Settings) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
 
 
-def create_app(settings: Settings, keys: KeyStore | None = None) -> GatewayMiddleware:
-    """The ASGI app to serve: the gateway layer around the FastAPI app (`.app`)."""
+def create_app(settings: Settings, governance: Governance | None = None) -> GatewayMiddleware:
+    """The ASGI app to serve: the gateway layer around the FastAPI app (`.app`). Raises StoreError when
+    the governance database cannot be used."""
     state = AppState(
         settings=settings,
         catalog=effective_catalog(settings, load_catalog()),
-        keys=keys or KeyStore(settings.client_keys, settings.resolved_keys_file),
-        admin_keys=AdminKeys.from_keys(settings.admin_keys),  # hashed here; the plain key is not kept
+        governance=governance or Governance.open(settings),
     )
+    state.readiness["governance"] = state.governance.readiness
+    state.startup.append(state.governance.start)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -104,6 +53,7 @@ def create_app(settings: Settings, keys: KeyStore | None = None) -> GatewayMiddl
             for stop in reversed(state.shutdown):
                 await stop()
             await state.http.close()
+            await state.governance.stop()  # last: the ledger counts every request that finished
 
     app = FastAPI(title="School AI appliance", version=__version__, lifespan=lifespan, docs_url=None)
     app.state.appliance = state
@@ -111,15 +61,23 @@ def create_app(settings: Settings, keys: KeyStore | None = None) -> GatewayMiddl
     for install in _feature_installers():
         install(app, state)
     _install_error_handlers(app)
-    return GatewayMiddleware(app, keys=state.keys, fast_routes=state.fast_routes)
+    return GatewayMiddleware(app, governance=state.governance, fast_routes=state.fast_routes)
 
 
 def _feature_installers() -> list[Callable[[FastAPI, AppState], None]]:
     """Each feature module registers its routes, readiness and background tasks."""
     from appliance import chat, gpu_monitor, realtime, speech, transcription
+    from appliance.governance import admin_api
 
     # realtime after transcription: it uses the speech-to-text engine that transcription installs.
-    return [chat.install, transcription.install, realtime.install, speech.install, gpu_monitor.install]
+    return [
+        chat.install,
+        transcription.install,
+        realtime.install,
+        speech.install,
+        gpu_monitor.install,
+        admin_api.install,
+    ]
 
 
 def _install_common_routes(app: FastAPI, state: AppState) -> None:
@@ -181,7 +139,7 @@ def _admin_authenticated(request: Request, state: AppState) -> bool:
     token = bearer_token(request.scope)
     if token is None:
         return False
-    if not state.admin_keys.verify(token):
+    if not state.governance.is_admin(token):
         raise APIError(401, "Incorrect admin key provided.", code="invalid_admin_key")
     return True
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import random
 import re
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -22,11 +23,11 @@ import orjson
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope
 
-from appliance.app import AppState
 from appliance.catalog import Route
 from appliance.continuation import Prefix, Stitch, continuation_body
 from appliance.continuation import refusal as continuation_refusal
 from appliance.errors import APIError, bad_request, error_body
+from appliance.governance.service import estimate_tokens
 from appliance.limits import read_body
 from appliance.log import event
 from appliance.metrics import FALLBACKS, UPSTREAM_FAILURES
@@ -34,6 +35,7 @@ from appliance.middleware import RequestContext, request_context, request_header
 from appliance.responses import EventStreamResponse, JSONBytesResponse
 from appliance.routing import Attempt, LLMRouter, Target, parse_retry_after
 from appliance.sse import ERROR_KEY, EventSplitter, is_error, json_of, split_at_error
+from appliance.state import AppState
 from appliance.upstream_http import ConnectionLost, ReadTimeout, UpstreamError, UpstreamResponse
 from appliance.upstreams.district import DistrictHeaders
 
@@ -132,6 +134,10 @@ class StreamBroken(Exception):
         return b"data: " + error_body(message, "server_error", None, "stream_interrupted") + b"\n\n"
 
 
+class CloudBudgetSpent(UpstreamFailure):
+    """The NVIDIA key's budget has no room for this request now: the cloud is skipped, not called."""
+
+
 def parse_request(raw: bytes, endpoint: str) -> dict[str, Any]:
     if not raw:
         raise bad_request("The request body is empty; send a JSON object.")
@@ -206,6 +212,7 @@ class Relay:
     first_token_timeout: float = 0.0  # streams only
     idle_timeout: float = 0.0
     deadline: float = 0.0  # streams: loop time by which the first event must be in
+    hide_usage: bool = False  # the gateway asked for the stream's usage chunk; the client did not
 
     @property
     def stream(self) -> bool:
@@ -220,6 +227,11 @@ class Relay:
             target = attempt.target
             if not target.breaker.allows() or not self._long_enough(attempt):  # breaker: opened meanwhile
                 continue
+            if target.is_cloud and (
+                wait := self.state.governance.cloud_budget.spend(self.ctx.estimated_tokens)
+            ):
+                failures.append(CloudBudgetSpent("cloud budget spent", retry_after=wait))
+                continue
             headers = [(b"x-appliance-target", target.name.encode())]
             if failures or too_long:
                 headers.append((b"x-appliance-fallback", b"true"))
@@ -233,10 +245,14 @@ class Relay:
                 continue
             except UpstreamFailure as failure:
                 self._failed(attempt, failure)
+                if attempt.target.is_cloud and failure.status == 429:
+                    self.state.governance.cloud_budget.rejected(failure.retry_after)
                 failures.append(failure)
                 continue
             target.breaker.success()
             self.ctx.target, self.ctx.zone = target.name, target.zone
+            if target.is_cloud:  # for the ledger: the cloud served after a failure, or ahead of a queue
+                self.ctx.cloud_reason = "failure" if failures else "overload"
             if failures or too_long:
                 FALLBACKS.labels(self.ctx.model).inc()
             return response
@@ -303,6 +319,17 @@ class Relay:
                 code="cloud_model_unavailable",
                 headers=headers,
             )
+        spent = [f for f in failures if isinstance(f, CloudBudgetSpent)]
+        if spent:
+            headers["retry-after"] = str(max(1, math.ceil(spent[0].retry_after or 0)))
+            return APIError(
+                503,
+                f"No local engine could serve '{self.ctx.model}' now and the appliance's cloud budget (the "
+                "NVIDIA key's rate limit) is spent; try again after Retry-After.",
+                type="server_error",
+                code="cloud_budget_exhausted",
+                headers=headers,
+            )
         if failures and all(f.status == 429 for f in failures):
             wait = max((f.retry_after or 0) for f in failures)
             headers["retry-after"] = str(max(1, round(wait)))
@@ -323,6 +350,8 @@ class Relay:
         hand."""
         body = {**attempt.defaults, **self.body} if attempt.defaults else self.body
         body["model"] = attempt.model
+        if self.hide_usage:
+            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         upstream = await self._send(attempt, orjson.dumps(body))
         if upstream.status >= 400:
             return await self._client_error(upstream, headers)
@@ -550,7 +579,7 @@ class Relay:
     def _continuation_attempts(self, broken: Target, same_again: bool) -> list[Attempt]:
         """The targets allowed now that can carry on a prefix, the ones after the broken target first;
         each is asked once, and the broken one only after a cut (not a stall)."""
-        attempts = self.router.attempts(self.route, self.district.session)
+        attempts = _within_ceiling(self.ctx, self.router.attempts(self.route, self.district.session))
         after = next((i + 1 for i, a in enumerate(attempts) if a.target is broken), 0)
         return [
             a
@@ -576,6 +605,8 @@ class Relay:
                     continue
                 if has_usage:
                     self._count_tokens(data.get("usage"))
+                    if self.hide_usage and data.get("choices") == [] and data.get("usage"):
+                        continue  # the usage chunk the client did not ask for
                 if has_reasoning and alias_reasoning(data.get("choices"), "delta"):
                     line = b"data: " + orjson.dumps(data)
             out.append(line)
@@ -665,6 +696,26 @@ def alias_reasoning(choices: Any, key: str) -> bool:
     return changed
 
 
+def _max_tokens(body: dict[str, Any]) -> object:
+    return body.get("max_completion_tokens") or body.get("max_tokens")
+
+
+def _usage_unasked(body: dict[str, Any]) -> bool:
+    """A stream whose final usage chunk the client did not ask for: the gateway asks for it itself (its
+    limits and ledger count tokens) and keeps it from the client."""
+    options = body.get("stream_options")
+    return body.get("stream") is True and not (isinstance(options, dict) and options.get("include_usage"))
+
+
+def _within_ceiling(ctx: RequestContext, attempts: list[Attempt]) -> list[Attempt]:
+    """The attempts the key's data ceiling allows: a `box` key's requests never leave the box, a
+    `district` key's never reach the cloud."""
+    zones = ctx.principal.zones if ctx.principal is not None else None
+    if zones is None:
+        return attempts
+    return [a for a in attempts if a.target.zone in zones]
+
+
 def install(app: FastAPI, state: AppState) -> None:
     settings = state.settings
     session_header = settings.session_header.encode()
@@ -676,17 +727,19 @@ def install(app: FastAPI, state: AppState) -> None:
 
     async def relay(scope: Scope, receive: Receive, endpoint: str) -> ASGIApp:
         ctx = request_context(scope)
-        body = parse_request(await read_body(scope, receive, state.settings.max_body_bytes), endpoint)
+        raw = await read_body(scope, receive, state.settings.max_body_bytes)
+        body = parse_request(raw, endpoint)
         route = state.require_route(body["model"], "llm")
         ctx.model = route.name
         session = body.get("user") or request_header(scope, session_header)
-        attempts = router.attempts(route, session)
+        state.governance.admit(ctx, route, tokens=estimate_tokens(len(raw), _max_tokens(body)))
+        attempts = _within_ceiling(ctx, router.attempts(route, session))
         if not attempts:
-            if not router.candidates(route):
+            if not _within_ceiling(ctx, router.candidates(route)):
                 raise APIError(
                     503,
                     f"'{route.name}' cannot be served on this appliance: no local engine serves it and the "
-                    "school's policy (or configuration) does not allow the cloud.",
+                    "school's policy, this key's limit or the configuration does not allow the cloud.",
                     type="server_error",
                     code="model_unavailable",
                 )
@@ -697,7 +750,8 @@ def install(app: FastAPI, state: AppState) -> None:
                 code="upstream_unavailable",
             )
         district = DistrictHeaders(settings, route, ctx.key_id, session)
-        return await Relay(state, router, route, endpoint, body, ctx, district).run(attempts)
+        relay = Relay(state, router, route, endpoint, body, ctx, district, hide_usage=_usage_unasked(body))
+        return await relay.run(attempts)
 
     for path, endpoint in (("/v1/chat/completions", "chat/completions"), ("/v1/completions", "completions")):
         state.add_fast_route(app, path, functools.partial(relay, endpoint=endpoint))

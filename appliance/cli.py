@@ -32,7 +32,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from appliance.app import create_app
-    from appliance.auth import KeyStore
+    from appliance.governance import Governance, StoreError
     from appliance.log import event, setup_logging
     from appliance.server.files import max_client_connections, raise_open_files_limit
     from appliance.server.protocol import guarded_protocol
@@ -46,9 +46,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return fail(f"cannot read TLS file {tls_file}")
     settings = settings_from(args)
     setup_logging(settings.log_level)
-    keys = KeyStore(settings.client_keys, settings.resolved_keys_file)  # logs each bad line it skips
-    if not keys.configured:
-        bad = f"; {keys.problems[0]}" if keys.problems else ""
+    try:
+        governance = Governance.open(settings)  # logs each bad line of a keys file it imports
+    except StoreError as exc:
+        return fail(str(exc), 2)
+    if not governance.configured:
+        problems = governance.store.import_problems
+        bad = f"; {problems[0]}" if problems else ""
         return fail(
             "no client keys: set APPLIANCE_API_KEYS or create one with `appliance keys add NAME` "
             f"(keys file: {settings.resolved_keys_file}){bad}"
@@ -62,7 +66,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings.max_header_bytes, settings.header_timeout, max_client_connections(open_files)
     )
     uvicorn.run(
-        create_app(settings, keys),
+        create_app(settings, governance),
         host=args.host,
         port=args.port,
         loop="uvloop",
@@ -115,41 +119,14 @@ def log_policies(settings: Settings) -> None:
         )
 
 
-def cmd_keys(args: argparse.Namespace) -> int:
-    from appliance.auth import check_key_name, hash_key, new_key, parse_keys_file, write_keys_file
+def cmd_governance(args: argparse.Namespace) -> int:
+    from appliance.governance import StoreError
+    from appliance.governance.commands import run
 
-    path = settings_from(args).resolved_keys_file
-    if args.keys_command != "list":
-        try:
-            check_key_name(args.name)  # before anything is written: the name goes into the file as is
-        except ValueError as exc:
-            return fail(str(exc))
-    stored = parse_keys_file(path)
-    for problem in stored.problems:
-        print(f"appliance: {problem}", file=sys.stderr)
-    keys = stored.keys
-    if args.keys_command == "list":
-        for key_id in sorted(keys):
-            print(key_id)
-        return 1 if stored.problems else 0
-    if stored.problems:  # rewriting the file would drop those lines, and the keys they were meant to be
-        return fail(f"fix or delete the lines above in {path} first; nothing was changed")
-    if args.keys_command == "add":
-        if args.name in keys:
-            return fail(f"key '{args.name}' exists; remove it first to rotate it")
-        key = new_key()
-        keys[args.name] = hash_key(key)
-    elif args.name not in keys:  # remove
-        return fail(f"no key named '{args.name}'")
-    else:
-        del keys[args.name]
     try:
-        write_keys_file(path, keys)
-    except OSError as exc:
-        return fail(f"cannot write {path}: {exc.strerror or exc}")
-    if args.keys_command == "add":
-        print(key)  # shown once: only its hash is stored
-    return 0
+        return run(args, settings_from(args), fail)
+    except StoreError as exc:
+        return fail(str(exc), 2)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -400,13 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--ssl-certfile", help="the certificate serve is given, to check its expiry")
     doctor.set_defaults(handler=cmd_doctor)
 
-    keys = sub.add_parser("keys", help="manage client API keys (only their hashes are stored)")
-    keys_sub = keys.add_subparsers(dest="keys_command", metavar="COMMAND")
-    keys.set_defaults(group=keys, group_dest="keys_command")
-    keys_sub.add_parser("list", help="list key ids")
-    keys_sub.add_parser("add", help="create a key and print it once").add_argument("name")
-    keys_sub.add_parser("remove", help="revoke a key").add_argument("name")
-    keys.set_defaults(handler=cmd_keys)
+    from appliance.governance.commands import add_parsers
+
+    add_parsers(sub, cmd_governance)
 
     gpu = sub.add_parser("gpu", help="GPU health through NVML")
     gpu_sub = gpu.add_subparsers(dest="gpu_command", metavar="COMMAND")

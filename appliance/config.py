@@ -32,6 +32,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from appliance.governance.tiers import DEFAULT_TIERS, TierConfig
 from appliance.upstreams.settings import (
     Objective,
     RouteSettings,
@@ -145,8 +146,18 @@ class Settings(BaseSettings):
     max_header_bytes: int = _env("APPLIANCE_MAX_HEADER_BYTES", 64 * 1024, ge=1024)
     # Seconds a connection has to send a whole request head (idle and trickling connections are closed).
     header_timeout: float = _env("APPLIANCE_HEADER_TIMEOUT", 10.0, gt=0)
-    # Opens /readyz's detail; stored only as its hash (appliance.auth.AdminKeys).
+    # Opens /readyz's detail and /admin/api/, as does the key `appliance admin-key` makes; stored only as
+    # its hash (appliance.auth.AdminKeys).
     admin_key: SecretStr | None = _env("APPLIANCE_ADMIN_KEY")
+
+    # Governance: tiers (over the defaults free, standard, enterprise), the ledger, the cloud budget.
+    tiers: Annotated[dict[str, TierConfig], NoDecode] = _env("APPLIANCE_TIERS", dict)
+    default_tier: str = _env("APPLIANCE_DEFAULT_TIER", "enterprise")  # keys without one, env keys
+    usage_retention_days: int = _env("APPLIANCE_USAGE_RETENTION_DAYS", 365, ge=1)
+    usage_flush_interval: float = _env("APPLIANCE_USAGE_FLUSH_INTERVAL", 2.0, gt=0, le=60)
+    nvidia_nim_tier: Literal["free", "standard", "enterprise"] | None = _env("NVIDIA_NIM_TIER")
+    nvidia_nim_rpm: int | None = _env("NVIDIA_NIM_RPM", None, gt=0)
+    nvidia_nim_tpm: int | None = _env("NVIDIA_NIM_TPM", None, gt=0)
 
     # Upstream timing (seconds) and resilience.
     connect_timeout: float = _env("APPLIANCE_CONNECT_TIMEOUT", 3.0, gt=0)
@@ -194,6 +205,25 @@ class Settings(BaseSettings):
 
     # GPU health (appliance.gpu_monitor): seconds between NVML snapshots shown on /readyz; 0 turns it off.
     gpu_refresh_interval: float = _env("APPLIANCE_GPU_REFRESH_INTERVAL", 30.0, ge=0)
+
+    @field_validator("tiers", mode="before")
+    @classmethod
+    def _tier_table(cls, value: Any) -> Any:
+        # The environment holds YAML, as for tts_voices; the file a mapping.
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise ValueError("is not valid YAML") from None
+        if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+            raise ValueError("must map tier names to their limits")
+        return value
+
+    @model_validator(mode="after")
+    def _known_default_tier(self) -> Settings:
+        if self.default_tier not in self.tiers and self.default_tier not in DEFAULT_TIERS:
+            raise ValueError(f"default_tier: unknown tier {self.default_tier!r}")
+        return self
 
     @field_validator("log_level", "cloud_fallback", "stt_device", "stt_compute_type", mode="before")
     @classmethod

@@ -114,20 +114,33 @@ def policy_findings(settings: Settings, catalog: Catalog) -> list[Finding]:
 
 
 def keys_finding(settings: Settings) -> Finding:
+    """The keys the gateway would serve: the governance database's, or, before it exists, the valid
+    lines of the keys file it will import."""
+    from appliance.governance.store import Store, StoreError, database_path
+
+    db, env = database_path(settings.data_dir), len(settings.client_keys)
+    if db.exists():
+        try:
+            store = Store(db)
+            count = len(store.keys())
+            store.close()
+        except StoreError as exc:
+            return Finding("keys", "fail", str(exc), "move the database aside and restore a backup")
+        if count + env == 0:
+            return Finding("keys", "fail", f"no client keys ({db})", "appliance keys add NAME")
+        return Finding("keys", "ok", f"{count} in {db}, {env} from the environment")
     from appliance.auth import parse_keys_file
 
     path = settings.resolved_keys_file
     stored = parse_keys_file(path)
-    count = len(stored.keys) + len(settings.client_keys)
-    if stored.problems:  # the gateway skips the line; serious only when no key is left
+    count = len(stored.keys) + env
+    if stored.problems:  # the import skips the line; serious only when no key is left
         status: Status = "warn" if count else "fail"
         detail = f"{stored.problems[0]} ({count} valid keys in use)"
         return Finding("keys", status, detail, f"correct or delete that line in {path}")
     if count == 0:
         return Finding("keys", "fail", f"no client keys ({path})", "appliance keys add NAME")
-    return Finding(
-        "keys", "ok", f"{len(stored.keys)} in {path}, {len(settings.client_keys)} from the environment"
-    )
+    return Finding("keys", "ok", f"{len(stored.keys)} in {path}, {env} from the environment")
 
 
 # --- the GPU ---------------------------------------------------------------------------------------------

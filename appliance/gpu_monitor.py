@@ -14,9 +14,9 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from appliance.app import AppState
 from appliance.gpu import health_report
 from appliance.log import event
+from appliance.state import AppState
 
 
 def key_figures(gpu: dict[str, Any]) -> dict[str, Any]:

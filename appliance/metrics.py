@@ -26,6 +26,13 @@ FALLBACKS = Counter(
     "appliance_fallbacks_total", "Requests served by a later target than the first.", ["model"]
 )
 TOKENS = Counter("appliance_tokens_total", "Tokens reported by the engines.", ["model", "direction"])
+# Per tier, never per key: keys are many, tiers a handful named by the admin.
+RATE_LIMITED = Counter("appliance_rate_limited_total", "Requests refused by a rate limit, by tier.", ["tier"])
+QUOTA_REFUSED = Counter("appliance_quota_refused_total", "Requests refused over a quota, by tier.", ["tier"])
+CLOUD_BUDGET_EXHAUSTED = Counter(
+    "appliance_cloud_budget_exhausted_total",
+    "Cloud attempts skipped because the NVIDIA key's budget was spent.",
+)
 
 
 # Path labels for requests that matched no route, and for requests that failed authentication (which
@@ -60,6 +67,14 @@ def record_tokens(model: str, prompt: int | None, completion: int | None) -> Non
         prompt_series.inc(prompt)
     if completion:
         completion_series.inc(completion)
+
+
+def limited(tier: str) -> None:
+    RATE_LIMITED.labels(tier).inc()
+
+
+def quota_refused(tier: str) -> None:
+    QUOTA_REFUSED.labels(tier).inc()
 
 
 def exposition() -> tuple[bytes, str]:

@@ -8,14 +8,16 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from appliance.auth import KeyStore
 from appliance.errors import APIError
 from appliance.log import access, logger
 from appliance.metrics import UNAUTHENTICATED, UNMATCHED, record_request, record_tokens
+
+if TYPE_CHECKING:
+    from appliance.governance import Governance, Principal
 
 # A hot-path handler: takes the request's scope and receive, returns the response to send (any ASGI app).
 FastHandler = Callable[[Scope, Receive], Awaitable[ASGIApp]]
@@ -23,21 +25,41 @@ FastHandler = Callable[[Scope, Receive], Awaitable[ASGIApp]]
 # Paths that need no client key: liveness, readiness and metrics carry no request content, no secret and
 # no internal address (/readyz's detail needs the admin key; see app.readyz).
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+# Paths for the admin key only; client keys get 403 there.
+ADMIN_PREFIX = "/admin/"
 
 
 class RequestContext:
     """Per-request facts for the access log; handlers fill in what they learn (model, target, usage)."""
 
-    __slots__ = ("completion_tokens", "key_id", "model", "prompt_tokens", "request_id", "target", "zone")
+    __slots__ = (
+        "audio_seconds",
+        "characters",
+        "cloud_reason",
+        "completion_tokens",
+        "estimated_tokens",
+        "key_id",
+        "model",
+        "principal",
+        "prompt_tokens",
+        "request_id",
+        "target",
+        "zone",
+    )
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
         self.key_id: str | None = None
+        self.principal: Principal | None = None
         self.model: str | None = None
         self.target: str | None = None
         self.zone: str | None = None  # the data zone of the target that served: box, district, cloud
+        self.cloud_reason: str | None = None  # why the cloud served: "failure" or "overload"
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
+        self.estimated_tokens = 0  # taken from the key's token bucket up front
+        self.audio_seconds = 0.0  # transcribed
+        self.characters = 0  # spoken
 
 
 def request_context(scope: Scope) -> RequestContext:
@@ -97,9 +119,11 @@ class GatewayMiddleware:
     """Wraps the FastAPI app. `fast_routes` ((method, path) -> handler) are served here directly,
     skipping the framework's middleware stack: they are the relay's hot path."""
 
-    def __init__(self, app: ASGIApp, keys: KeyStore, fast_routes: dict[tuple[str, str], FastHandler]) -> None:
+    def __init__(
+        self, app: ASGIApp, governance: Governance, fast_routes: dict[tuple[str, str], FastHandler]
+    ) -> None:
         self.app = app
-        self.keys = keys
+        self.governance = governance
         self.fast_routes = fast_routes
         self.ids = RequestIds()
 
@@ -122,7 +146,11 @@ class GatewayMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid)]
+                headers = [*message.get("headers", ()), (b"x-request-id", rid)]
+                principal = ctx.principal
+                if principal is not None and principal.allowance.headers:
+                    headers += principal.allowance.rate_headers()
+                message["headers"] = headers
             await send(message)
 
         try:
@@ -147,6 +175,7 @@ class GatewayMiddleware:
                 )
         finally:
             self._log(scope, ctx, status, started, error is not None, fast is not None)
+            self.governance.finish(ctx, status)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A WebSocket upgrade: the same key check as every request, then the app; the session
@@ -160,17 +189,32 @@ class GatewayMiddleware:
         await self.app(scope, receive, send)
 
     def _authenticate(self, scope: Scope, ctx: RequestContext, token: str | None = None) -> APIError | None:
-        if scope["path"] in OPEN_PATHS:
+        path = scope["path"]
+        if path in OPEN_PATHS:
             return None
         token = token or bearer_token(scope)
         if token is None:
             return APIError(
                 401, "Missing API key: send 'Authorization: Bearer <key>'.", code="missing_api_key"
             )
-        ctx.key_id = self.keys.authenticate(token)
-        if ctx.key_id is None:
-            return APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+        if path.startswith(ADMIN_PREFIX):
+            return self._authenticate_admin(token, ctx)
+        found = self.governance.authenticate(token)
+        if isinstance(found, APIError):
+            return found
+        ctx.principal = found
+        ctx.key_id = found.name
         return None
+
+    def _authenticate_admin(self, token: str, ctx: RequestContext) -> APIError | None:
+        if self.governance.is_admin(token):
+            ctx.key_id = "admin"
+            return None
+        if isinstance(self.governance.authenticate(token), APIError):
+            return APIError(401, "Incorrect admin key provided.", code="invalid_api_key")
+        return APIError(
+            403, "This is a client key; the admin API needs the admin key.", code="admin_key_required"
+        )
 
     @staticmethod
     def _log(

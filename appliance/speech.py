@@ -20,12 +20,12 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from appliance.app import AppState, app_state
 from appliance.audio.encode import FORMATS, SPEED_MAX, SPEED_MIN, AudioFormat, Encoder
 from appliance.errors import APIError, bad_request, unavailable
 from appliance.limits import read_body
 from appliance.log import event
 from appliance.middleware import request_context
+from appliance.state import AppState, app_state
 from appliance.tts import (
     FIRST_PIECE_CHARS,
     MagpieClient,
@@ -130,6 +130,8 @@ def install(app: FastAPI, state: AppState) -> None:
         ctx.model = route.name
         _check_input(body, settings.tts_max_chars)
         streaming = _wants_stream(request, body)
+        state.governance.admit(ctx, route, characters=len(body.input))
+        ctx.characters = len(body.input)
         await health.require_ready()
         ctx.target = "local"
         try:

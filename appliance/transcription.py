@@ -18,11 +18,11 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from appliance.app import AppState
 from appliance.audio.decode import AudioError, AudioTooLongError, EmptyAudioError, TruncatedAudioError
 from appliance.errors import APIError, bad_request
 from appliance.limits import Admission, too_large
 from appliance.middleware import FastHandler, request_context
+from appliance.state import AppState
 from appliance.stt import (
     LANGUAGES,
     SpeechEngine,
@@ -85,6 +85,7 @@ async def serve(request: Request, state: AppState, engine: SpeechEngine, task: T
     route = state.require_route(form.get("model"), "stt")
     ctx = request_context(request.scope)
     ctx.model, ctx.target = route.name, "local"
+    state.governance.admit(ctx, route, audio=True)
     params = Params.parse(form, task)
     if form.file is None:
         raise bad_request("'file' is required: the audio to transcribe, as a multipart file.", "file")
@@ -93,12 +94,14 @@ async def serve(request: Request, state: AppState, engine: SpeechEngine, task: T
     try:
         if params.stream:  # decode first: bad audio is a 400, not an event in a 200 stream
             audio = await engine.decode(form.file)
+            ctx.audio_seconds = audio.duration
             return TranscriptStream(
                 sse_transcript(engine.stream(audio.samples, params.options), audio.duration),
                 media_type="text/event-stream",
                 headers={"cache-control": "no-cache"},
             )
         transcript = await engine.transcribe(form.file, params.options)
+        ctx.audio_seconds = transcript.duration
     except AudioError as exc:
         raise audio_error(exc) from None
     return render(transcript, params)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -104,7 +105,14 @@ def run_appliance(
 class Gateway:
     """`appliance serve` in a subprocess, as an admin would run it."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        log_path: Path,
+        args: tuple[str, ...] = (),
+        file_size_limit: int | None = None,
+    ) -> None:
+        self.file_size_limit = file_size_limit  # bytes any file may grow to: a full disk, for this process
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.base_url = self.url + "/v1"
@@ -116,7 +124,9 @@ class Gateway:
     def start(self, timeout: float = 60) -> Gateway:
         log = open(self.log_path, "wb")  # noqa: SIM115 - the child keeps writing to it
         cmd = [sys.executable, "-m", "appliance", "serve", "--port", str(self.port), *self.args]
-        self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        self.proc = subprocess.Popen(
+            cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, preexec_fn=self._limits
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -129,6 +139,10 @@ class Gateway:
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"gateway did not become healthy:\n{self.logs()}")
+
+    def _limits(self) -> None:
+        if self.file_size_limit is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (self.file_size_limit, self.file_size_limit))
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -13,12 +13,12 @@ import asyncio
 from fastapi import FastAPI
 from starlette.websockets import WebSocket
 
-from appliance.app import AppState
 from appliance.errors import APIError
 from appliance.middleware import deny_websocket
 from appliance.realtime.admission import Admission
 from appliance.realtime.session import Session
 from appliance.realtime.turns import SpeechProbability
+from appliance.state import AppState
 
 PATH = "/v1/realtime"
 

@@ -22,7 +22,6 @@ import numpy as np
 import orjson
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from appliance.app import AppState
 from appliance.audio.decode import SAMPLE_RATE, DecodedAudio
 from appliance.config import Settings
 from appliance.errors import APIError
@@ -34,6 +33,7 @@ from appliance.realtime.metrics import AUDIO_SECONDS, CLOSED, DIVERGED
 from appliance.realtime.protocol import Dialect, Events, ProtocolError, SessionConfig, apply_update
 from appliance.realtime.stable import StablePrefix
 from appliance.realtime.turns import SpeechProbability, SpeechStarted, SpeechStopped, Turns
+from appliance.state import AppState
 from appliance.stt import SpeechEngine, TranscribeOptions
 
 MIN_COMMIT_SECONDS = 0.1  # as OpenAI: a commit needs at least 100 ms of audio

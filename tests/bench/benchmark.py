@@ -59,9 +59,11 @@ def process(cmd: list[str], env: dict[str, str], ready_url: str) -> Iterator[sub
 
 
 @contextmanager
-def stack(chunks: int, interval: float) -> Iterator[tuple[str, str, str]]:
+def stack(
+    chunks: int, interval: float, data_dir: str | None = None, pids: dict[str, int] | None = None
+) -> Iterator[tuple[str, str, str]]:
     """A fast upstream, the gateway and the bare reference relay in front of it; yields their base URLs
-    (direct, gateway, bare relay)."""
+    (direct, gateway, bare relay). `pids`, if given, gets the gateway's process id."""
     up, gw, bare = free_port(), free_port(), free_port()
     upstream = [
         sys.executable,
@@ -76,8 +78,10 @@ def stack(chunks: int, interval: float) -> Iterator[tuple[str, str, str]]:
     gw_env = clean_env(
         APPLIANCE_API_KEYS=CLIENT_KEY,
         APPLIANCE_LLM_URL=f"http://127.0.0.1:{up}/v1",
-        APPLIANCE_DATA_DIR=tempfile.mkdtemp(),
+        APPLIANCE_DATA_DIR=data_dir or tempfile.mkdtemp(),
     )
+    if data_dir is not None:
+        gw_env["APPLIANCE_CONFIG"] = str(Path(data_dir) / "appliance.yaml")
     gateway = [sys.executable, "-m", "appliance", "serve", "--port", str(gw)]
     reference = [
         sys.executable,
@@ -96,20 +100,22 @@ def stack(chunks: int, interval: float) -> Iterator[tuple[str, str, str]]:
     ]
     with (
         process(upstream, clean_env(), f"http://127.0.0.1:{up}/v1/models"),
-        process(gateway, gw_env, f"http://127.0.0.1:{gw}/healthz"),
+        process(gateway, gw_env, f"http://127.0.0.1:{gw}/healthz") as gateway_proc,
         process(reference, clean_env(UPSTREAM=f"http://127.0.0.1:{up}"), f"http://127.0.0.1:{bare}/healthz"),
     ):
+        if pids is not None:
+            pids["gateway"] = gateway_proc.pid
         yield f"http://127.0.0.1:{up}/v1", f"http://127.0.0.1:{gw}/v1", f"http://127.0.0.1:{bare}/v1"
 
 
-def wrk(url: str, connections: int, seconds: float) -> tuple[float, float, float]:
+def wrk(url: str, connections: int, seconds: float, key: str = CLIENT_KEY) -> tuple[float, float, float]:
     """(requests/s, p50 ms, p99 ms) for POST /chat/completions."""
     script = Path(tempfile.mkstemp(suffix=".lua")[1])
     script.write_text(
         'wrk.method = "POST"\n'
         f"wrk.body = '{BODY}'\n"
         'wrk.headers["Content-Type"] = "application/json"\n'
-        f'wrk.headers["Authorization"] = "Bearer {CLIENT_KEY}"\n'
+        f'wrk.headers["Authorization"] = "Bearer {key}"\n'
     )
     out = subprocess.run(
         [
@@ -206,8 +212,62 @@ def llm_benchmark(seconds: float, stream_count: int) -> str:
     return "\n".join(rows)
 
 
+# Limits no benchmark reaches, so that every request pays for the checks and none is refused.
+BENCH_TIER = (
+    "tiers:\n  bench: {requests_per_minute: 1000000000, tokens_per_minute: 1000000000000, "
+    "tokens_per_day: 1000000000000}\n"
+)
+
+
+def tiered_key(data_dir: str) -> str:
+    """A key of the `bench` tier in a fresh governance database; its secret."""
+    (Path(data_dir) / "appliance.yaml").write_text(BENCH_TIER)
+    env = clean_env(APPLIANCE_DATA_DIR=data_dir, APPLIANCE_CONFIG=str(Path(data_dir) / "appliance.yaml"))
+    cmd = [sys.executable, "-m", "appliance", "keys", "add", "bench-app", "--tier", "bench"]
+    out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, check=True).stdout
+    return out.splitlines()[-1]
+
+
+def hot_path_cpu_us(data_dir: str, key: str, count: int = 20_000) -> dict[str, float]:
+    """CPU microseconds per request that governance spends on the hot path, in-process (authenticate,
+    admit, the rate-limit headers, finish with the ledger count), for each key. CPU time, not wall
+    time, so that other load on the machine does not count."""
+    from appliance.catalog import load_catalog
+    from appliance.config import load_settings
+    from appliance.governance import Governance, Principal
+    from appliance.middleware import RequestContext
+
+    settings = load_settings(
+        Path(data_dir) / "appliance.yaml", data_dir=data_dir, api_keys=CLIENT_KEY, usage_flush_interval=60
+    )
+    governance = Governance.open(settings)
+    route = load_catalog().route(MODEL)
+    assert route is not None
+    costs = {}
+    for name, secret in (("untiered", CLIENT_KEY), ("tiered", key)):
+
+        def request(secret: str = secret) -> None:
+            ctx = RequestContext("bench")
+            principal = governance.authenticate(secret)
+            assert isinstance(principal, Principal)
+            ctx.principal, ctx.model = principal, route.name
+            governance.admit(ctx, route, tokens=30)
+            if principal.allowance.headers:
+                principal.allowance.rate_headers()
+            ctx.prompt_tokens, ctx.completion_tokens, ctx.target = 12, 7, "local"
+            governance.finish(ctx, 200)
+
+        request()
+        started = time.process_time()
+        for _ in range(count):
+            request()
+        costs[name] = (time.process_time() - started) / count * 1e6
+    governance.store.close()
+    return costs
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used (Linux /proc)."""
+    """User and system CPU time a process has used (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -292,6 +352,59 @@ def pool_benchmark(seconds: float, rounds: int = 6) -> str:
     )
 
 
+def governance_benchmark(seconds: float, rounds: int = 7) -> str:
+    """The cost of keys, limits and the ledger: the same gateway, with an untiered key from
+    APPLIANCE_API_KEYS (authentication and the ledger only) and with a key whose tier has rate limits
+    and a daily quota (every check, and the rate-limit headers). Each round runs both back to back, in
+    alternating order, and the figures are medians of the rounds' ratios and differences, so that a
+    change in a shared machine's speed hits both sides alike. The gateway's CPU time per request is the
+    steadiest figure on a busy machine: other processes' load does not add to it."""
+    data_dir = tempfile.mkdtemp()
+    key = tiered_key(data_dir)
+    rows = [
+        "| load | direct req/s | untiered key req/s | tiered key req/s | tiered / untiered (range) "
+        "| untiered adds p50 ms | tiered - untiered p50 ms (range) "
+        "| gateway CPU per request, untiered / tiered |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    pids: dict[str, int] = {}
+    with stack(chunks=20, interval=0.05, data_dir=data_dir, pids=pids) as (direct, gateway, _):
+
+        def measured(connections: int, secret: str) -> tuple[float, float, float]:
+            """(requests/s, p50 ms, gateway CPU microseconds per request)."""
+            before = cpu_seconds(pids["gateway"])
+            rps, p50, _ = wrk(gateway, connections, seconds, secret)
+            return rps, p50, (cpu_seconds(pids["gateway"]) - before) / (rps * round(seconds)) * 1e6
+
+        wrk(gateway, 8, 1)
+        wrk(gateway, 8, 1, key)
+        for connections in (1, 32):
+            d_rps, d50, _ = wrk(direct, connections, seconds)
+            pairs = []
+            for round_ in range(rounds):
+                order = (CLIENT_KEY, key) if round_ % 2 == 0 else (key, CLIENT_KEY)
+                runs = {k: measured(connections, k) for k in order}
+                pairs.append((runs[CLIENT_KEY], runs[key]))
+            ratios = [t[0] / u[0] for u, t in pairs]
+            added = [t[1] - u[1] for u, t in pairs]
+            u_rps, u50, u_cpu = (statistics.median(u[i] for u, _ in pairs) for i in range(3))
+            t_rps, t_cpu = (statistics.median(t[i] for _, t in pairs) for i in (0, 2))
+            rows.append(
+                f"| chat, {connections} conn | {d_rps:,.0f} | {u_rps:,.0f} | {t_rps:,.0f} "
+                f"| {statistics.median(ratios):.3f} ({min(ratios):.2f}-{max(ratios):.2f}) | {u50 - d50:+.3f} "
+                f"| {statistics.median(added):+.3f} ({min(added):+.2f} to {max(added):+.2f}) "
+                f"| {u_cpu:.0f} / {t_cpu:.0f} us ({t_cpu / u_cpu:.3f}) |"
+            )
+    cpu = hot_path_cpu_us(data_dir, key)
+    rows += [
+        "",
+        "| in-process, CPU time per request | untiered key | tiered key |",
+        "| --- | --- | --- |",
+        f"| authenticate, admit, headers, ledger count | {cpu['untiered']:.1f} us | {cpu['tiered']:.1f} us |",
+    ]
+    return "\n".join(rows)
+
+
 def sections() -> dict[str, Callable[[argparse.Namespace], str]]:
     from tests.bench.stt import run_stt_benchmark
     from tests.bench.tts import run_tts_benchmark
@@ -299,6 +412,7 @@ def sections() -> dict[str, Callable[[argparse.Namespace], str]]:
     return {
         "llm": lambda a: llm_benchmark(a.seconds, a.streams),
         "pool": lambda a: pool_benchmark(a.seconds, a.rounds),
+        "governance": lambda a: governance_benchmark(a.seconds),
         "stt": lambda a: run_stt_benchmark(),
         "tts": lambda a: run_tts_benchmark(),
     }
