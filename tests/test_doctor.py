@@ -144,14 +144,16 @@ def test_json_and_a_configuration_error(doctor):
     }
 
 
-def test_a_damaged_keys_file_warns_while_valid_keys_remain(doctor, tmp_path):
+def test_a_damaged_keys_file_not_yet_imported_warns_while_valid_keys_remain(doctor, tmp_path):
+    from appliance.auth import hash_key
+
+    (tmp_path / "data" / "appliance.db").unlink()  # before the first start: the file is what counts
     keys = tmp_path / "data" / "keys"
-    with keys.open("a") as f:
-        f.write("maths app sha256:" + "ab" * 32 + "\n")
+    keys.write_text(f"reading-app {hash_key('sk-appliance-old')}\nmaths app sha256:" + "ab" * 32 + "\n")
     code, checks, _ = doctor()
     assert code == 1
     assert checks["keys"] == {
         "status": "warn",
-        "detail": f"{keys}:3: expected '<key name> sha256:<64 hex digits>' (1 valid keys in use); "
+        "detail": f"{keys}:2: expected '<key name> sha256:<64 hex digits>' (1 valid keys in use); "
         f"fix: correct or delete that line in {keys}",
     }

@@ -121,8 +121,8 @@ def _keys(args: argparse.Namespace, store: Store, settings: Settings, fail: Fail
             )
         secret = new_key()
         record = store.add_key(args.name, hash_key(secret), **_fields(args, settings))
-        print(f"key '{record.name}' added, tier {record.tier or settings.default_tier}")
-        print(secret)  # shown once: only its hash is stored
+        print(f"key '{record.name}' added, tier {record.tier or settings.default_tier}", file=sys.stderr)
+        print(secret)  # alone on stdout, shown once: only its hash is stored
         return 0
     record = store.key(args.name)
     if record is None:
@@ -133,7 +133,7 @@ def _keys(args: argparse.Namespace, store: Store, settings: Settings, fail: Fail
     if command == "rotate":
         secret = new_key()
         store.update_key(args.name, digest=hash_key(secret))
-        print(f"key '{record.name}' has a new secret; the old one no longer works")
+        print(f"key '{record.name}' has a new secret; the old one no longer works", file=sys.stderr)
         print(secret)
         return 0
     if command in ("revoke", "remove"):
@@ -250,7 +250,10 @@ def _admin_key(args: argparse.Namespace, store: Store, fail: Fail) -> int:
         return fail("an admin key exists; `appliance admin-key --rotate` replaces it")
     secret = new_key("admin-")
     store.set_admin_digest(hash_key(secret))
-    print("admin key for /admin/api (Authorization: Bearer <key>); the previous one, if any, no longer works")
+    print(
+        "admin key for /admin/api (Authorization: Bearer <key>); the previous one, if any, no longer works",
+        file=sys.stderr,
+    )
     print(secret)
     return 0
 
