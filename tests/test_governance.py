@@ -129,7 +129,7 @@ def post_chat(gw, key: str, model: str = TIER1, **body: Any) -> httpx.Response:
 
 
 def ledger_status(gw) -> dict[str, Any]:
-    return httpx.get(gw.url + "/readyz").json()["checks"]["governance"]["ledger"]
+    return gw.readyz().json()["checks"]["governance"]["ledger"]
 
 
 def until(check: Callable[[], bool], timeout: float = 10) -> bool:
@@ -513,7 +513,7 @@ def test_a_locked_database_never_stops_serving_and_the_ledger_catches_up(admin, 
         locker.close()
     admin.wait_usage(lambda rows: sum(r["requests"] for r in rows) == 6)
     assert until(
-        lambda: httpx.get(gw.url + "/readyz").json()["checks"]["governance"]["ledger"]["error"] is None
+        lambda: gw.readyz().json()["checks"]["governance"]["ledger"]["error"] is None
     )
     assert gw.logs().count('"usage ledger not written"') == 1  # logged once, not once per retry
 
@@ -547,7 +547,7 @@ def test_characters_spoken_per_minute_are_limited_and_counted(admin, start_gatew
         gw = start_gateway(
             APPLIANCE_TTS_URL=nim.url, APPLIANCE_TTS_HEALTH_INTERVAL="0.1", **admin.gateway_settings()
         )
-        assert until(lambda: httpx.get(gw.url + "/readyz").json()["checks"]["tts"]["ready"])
+        assert until(lambda: gw.readyz().json()["checks"]["tts"]["ready"])
         client = gw.client(api_key=key)
         text = "The quick brown fox jumps over the lazy dog, twice today."  # 57 characters
         assert client.audio.speech.create(model="tts-1", voice="alloy", input=text).content
@@ -578,7 +578,7 @@ def test_seconds_transcribed_per_minute_are_limited_and_counted(admin, tmp_path)
             client.audio.transcriptions.create(model="whisper-1", file=clip)
         assert exc.value.body["code"] == "rate_limit_exceeded"
         (row,) = admin.wait_usage(lambda rows: sum(r["requests"] for r in rows) == 3)
-        assert row["model"] == "whisper-large-v3" and row["audio_seconds"] == pytest.approx(14.6, abs=0.1)
+        assert row["model"].startswith("whisper") and row["audio_seconds"] == pytest.approx(14.6, abs=0.1)
         assert row["errors_limited"] == 1 and row["served_box"] == 2
     finally:
         gw.stop()
