@@ -156,7 +156,7 @@ def test_keys_are_hashed_in_a_private_wal_database_and_changes_reach_a_running_g
     assert "digest" not in shown and secret not in json.dumps(shown)
 
     gw = serve()
-    assert chat(gw, secret).headers["x-appliance-target"] == "local"
+    assert chat(gw, secret).headers["x-appliance-target"] == "box"
 
     # A key added now works within two seconds; a revoked one stops within two seconds.
     later = admin.add("quiz-app")
@@ -348,7 +348,7 @@ def test_a_box_ceiling_keeps_a_keys_requests_on_the_box(admin, serve, local_llm,
     assert chat(gw, free).headers["x-appliance-target"] == "cloud"  # the school's policy still holds
     assert len(cloud_llm.seen) == 1
     local_llm.clear()
-    assert chat(gw, boxed).headers["x-appliance-target"] == "local"
+    assert chat(gw, boxed).headers["x-appliance-target"] == "box"
     admin.ok("keys", "set", "pupil-app", "--max-zone", "district")  # district: like box for now
     local_llm.fail("503")
     time.sleep(2.5)
@@ -409,7 +409,7 @@ def test_the_ledger_counts_without_content_and_survives_restart_and_kill(admin, 
     key = admin.add("reading-app", "--school", "Lindenschule", "--group", "4b")
     gw = serve()
     first = chat(gw, key)
-    assert first.headers["x-appliance-target"] == "local"
+    assert first.headers["x-appliance-target"] == "box"
     prompt_tokens = first.parse().usage.prompt_tokens  # the same for each of these requests
     local_llm.fail("503", times=2)  # the local engine is tried twice before the cloud
     assert chat(gw, key).headers["x-appliance-target"] == "cloud"

@@ -44,7 +44,7 @@ class Ledger:
         key_id: int,
         model: str,
         status: int,
-        target: str | None,
+        zone: str | None,
         prompt_tokens: int,
         completion_tokens: int,
         audio_seconds: float,
@@ -63,10 +63,10 @@ class Ledger:
         row[COMPLETION] += completion_tokens
         row[AUDIO] += audio_seconds
         row[CHARACTERS] += characters
-        if target == "cloud":
+        if zone == "cloud":
             row[CLOUD] += 1
             row[ON_OVERLOAD if cloud_reason == "overload" else ON_FAILURE] += 1
-        elif target is not None:
+        elif zone is not None:  # the box, or the district's engines (inside the district's boundary)
             row[BOX] += 1
         self.last_used[key_id] = time.time()
 

@@ -120,13 +120,15 @@ class Governance:
         ok = status < 400
         characters = ctx.characters if ok else 0
         principal.allowance.settle(ctx.estimated_tokens, prompt + completion, ctx.audio_seconds, characters)
-        if ctx.target == "cloud":
+        # Where it was served: the target's data zone (speech is served on the box, without one).
+        zone = ctx.zone or ("box" if ctx.target is not None else None)
+        if zone == "cloud":
             self.cloud_budget.correct(ctx.estimated_tokens, prompt + completion)
         self.ledger.record(
             principal.id,
             ctx.model,
             status,
-            ctx.target if ok else None,
+            zone if ok else None,
             prompt,
             completion,
             ctx.audio_seconds,
