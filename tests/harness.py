@@ -55,6 +55,21 @@ def unanswered_port() -> Iterator[int]:
             sock.close()
 
 
+def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """A one-day self-signed certificate for 127.0.0.1 and its key, as PEM files in `folder`."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"),
+            *("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"),
+            *("-keyout", str(key), "-out", str(cert), "-addext", "subjectAltName=IP:127.0.0.1"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
 class BackgroundLoop:
     """An asyncio loop on a daemon thread; simulators live here."""
 

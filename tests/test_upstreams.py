@@ -18,7 +18,14 @@ import pytest
 import yaml
 
 from tests.conftest import CLOUD_KEY, CLOUD_MODELS, LOCAL_MODELS
-from tests.harness import CLIENT_KEY, BackgroundLoop, clean_env, free_port, run_appliance
+from tests.harness import (
+    CLIENT_KEY,
+    BackgroundLoop,
+    clean_env,
+    free_port,
+    run_appliance,
+    self_signed_certificate,
+)
 from tests.sims.openai_upstream import OpenAIUpstream
 
 TIER1, TIER2 = CLOUD_MODELS
@@ -250,18 +257,7 @@ def test_objective_is_configurable_per_model(start_gateway, engines, tmp_path):
 @pytest.fixture(scope="module")
 def district_ca(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A district's own certificate authority: a self-signed certificate for 127.0.0.1, and its key."""
-    folder = tmp_path_factory.mktemp("district-ca")
-    cert, key = folder / "ca.pem", folder / "key.pem"
-    subprocess.run(
-        [
-            *("openssl", "req", "-x509", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"),
-            *("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"),
-            *("-keyout", str(key), "-out", str(cert), "-addext", "subjectAltName=IP:127.0.0.1"),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
+    return self_signed_certificate(tmp_path_factory.mktemp("district-ca"))
 
 
 def test_a_district_behind_its_own_ca_is_trusted_only_with_its_ca_file(
