@@ -142,15 +142,26 @@ class Allowance:
         self.headers = bool(self.shown)
         self.limited = not tier.unlimited
 
-    def admit(self, clock: Clock, tokens: float = 0, characters: float = 0, audio: bool = False) -> None:
-        """Take this request from the buckets, or raise the 429 that says why not (nothing taken)."""
+    def admit(
+        self,
+        clock: Clock,
+        tokens: float = 0,
+        characters: float = 0,
+        audio: bool = False,
+        audio_seconds: float = 0.0,
+        requests: int = 1,
+    ) -> None:
+        """Take this request from the buckets, or raise the 429 that says why not (nothing taken).
+        `audio_seconds` is audio of known length (a live session's turn); `requests=0` admits a turn
+        of a session already counted as a request."""
         if not self.limited:
             return
+        audio = audio or audio_seconds > 0
         if self.quotas:
             self._check_quotas(clock, (tokens > 0, audio, characters > 0))
         now = time.monotonic()
-        # Audio's length is known only after decoding: admit while some allowance is left, charge later.
-        amounts = (1, tokens, characters, 1e-9 if audio else 0)
+        # An upload's length is known only after decoding: admit while some allowance is left, charge later.
+        amounts = (requests, tokens, characters, audio_seconds or (1e-9 if audio else 0))
         wait = 0.0
         for index, bucket in self.buckets:
             if amounts[index]:

@@ -94,21 +94,39 @@ class Governance:
         return self.admin_keys.verify(token)
 
     def admit(
-        self, ctx: RequestContext, route: Route, tokens: int = 0, characters: int = 0, audio: bool = False
+        self,
+        ctx: RequestContext,
+        route: Route,
+        tokens: int = 0,
+        characters: int = 0,
+        audio: bool = False,
+        audio_seconds: float = 0.0,
+        requests: int = 1,
     ) -> None:
         """May this key use this model, now, for a request of this size? Raises the 403 or 429 if not."""
         principal = ctx.principal
         if principal is None:
             return
-        if principal.models is not None and route.name not in principal.models:
+        self.require_model(principal, route)
+        principal.allowance.admit(self.clock, tokens, characters, audio, audio_seconds, requests)
+        ctx.estimated_tokens = tokens
+
+    @staticmethod
+    def require_model(principal: Principal | None, route: Route) -> None:
+        """Raises the 403 when the key may not use the route's model."""
+        if principal is not None and principal.models is not None and route.name not in principal.models:
             raise APIError(
                 403,
                 f"This API key may not use the model '{route.name}'; ask the appliance's administrator.",
                 param="model",
                 code="model_not_allowed",
             )
-        principal.allowance.admit(self.clock, tokens, characters, audio)
-        ctx.estimated_tokens = tokens
+
+    def admit_session(self, ctx: RequestContext) -> None:
+        """A live session's start: one request, and some audio allowance left. Its model is checked
+        when the session names it and at each turn (`admit` with the turn's seconds, `requests=0`)."""
+        if ctx.principal is not None:
+            ctx.principal.allowance.admit(self.clock, audio=True)
 
     def finish(self, ctx: RequestContext, status: int) -> None:
         """Correct the limits with what was used and count the request in the ledger."""

@@ -26,7 +26,7 @@ from appliance.audio.decode import SAMPLE_RATE, DecodedAudio
 from appliance.config import Settings
 from appliance.errors import APIError
 from appliance.log import event
-from appliance.middleware import request_context
+from appliance.middleware import RequestContext, request_context
 from appliance.realtime.admission import Admission
 from appliance.realtime.audio_input import Resampler, decode_append
 from appliance.realtime.metrics import AUDIO_SECONDS, CLOSED, DIVERGED
@@ -40,6 +40,11 @@ MIN_COMMIT_SECONDS = 0.1  # as OpenAI: a commit needs at least 100 ms of audio
 UPDATE_EVENTS: dict[str, Dialect] = {"session.update": "ga", "transcription_session.update": "beta"}
 # Close codes: policy violation (bad input, idle, not reading), try again later (busy), internal error.
 CLOSE_POLICY, CLOSE_BUSY, CLOSE_ERROR = 1008, 1013, 1011
+
+
+def refused(exc: APIError, code: str = "invalid_request", fatal: bool = False) -> ProtocolError:
+    """The gateway's HTTP error as an `error` event: the same message, type, code and param."""
+    return ProtocolError(exc.message, code=exc.code or code, param=exc.param, type=exc.type, fatal=fatal)
 
 
 def not_reading() -> ProtocolError:
@@ -102,14 +107,18 @@ class Session:
         await self.ws.accept(subprotocol=_subprotocol(self.ws.scope.get("subprotocols", ())))
         try:
             try:
+                self.state.governance.admit_session(self.ctx)
+            except APIError as exc:  # the key is over its audio rate or quota
+                await self._last_word(refused(exc), CLOSE_POLICY)
+                return
+            try:
                 self.engine.require_ready()
                 self.admission.admit()
             except ProtocolError as exc:
                 await self._last_word(exc, CLOSE_BUSY)
                 return
             except APIError as exc:
-                refusal = ProtocolError(exc.message, code=exc.code or "unavailable", type=exc.type)
-                await self._last_word(refusal, CLOSE_ERROR)
+                await self._last_word(refused(exc, "unavailable"), CLOSE_ERROR)
                 return
             try:
                 await self._serve()
@@ -291,10 +300,14 @@ class Session:
     def _update(self, body: dict[str, Any], dialect: Dialect) -> None:
         config = apply_update(self.config, body, dialect)
         try:
-            self.state.require_route(config.model, "stt")
+            route = self.state.require_route(config.model, "stt")
             self.engine.check(TranscribeOptions(language=config.language))  # an English-only model
         except APIError as exc:
-            raise ProtocolError(exc.message, code=exc.code or "invalid_request", param=exc.param) from None
+            raise refused(exc) from None
+        try:
+            self.state.governance.require_model(self.ctx.principal, route)
+        except APIError as exc:  # the key may not transcribe with it: the session ends, as an upload fails
+            raise refused(exc, fatal=True) from None
         if config.format != self.config.format:
             self.resampler = Resampler(config.format)
         self.turns.vad = config.turn_detection
@@ -346,6 +359,7 @@ class Session:
         self._committed(self.turns.take())
 
     def _committed(self, audio: np.ndarray) -> None:
+        self._charge(len(audio) / SAMPLE_RATE)
         turn, self.open = self.open, None
         assert turn is not None
         previous, self.last_item = self.last_item, turn.item_id
@@ -358,9 +372,25 @@ class Session:
             f.audio.nbytes for f in self.finals
         )
         self.turn_count += 1
-        # GOVERNANCE CALL SITE: charge `turn`'s audio seconds to the key's limits and usage ledger
-        # (appliance/governance, issue 13) here once it lands; until then they are counted in the log.
         self.wake.set()
+
+    def _charge(self, seconds: float) -> None:
+        """A committed turn is the key's transcription of `seconds` of audio, as an upload is: admitted
+        by the key's model, audio rate and quotas, charged to its buckets and counted in the usage
+        ledger when committed (the session itself counted one request when it opened). Refused, the
+        session ends with the HTTP path's error code: a turn's audio is never dropped silently."""
+        governance = self.state.governance
+        ctx = RequestContext(self.ctx.request_id)
+        ctx.principal, ctx.key_id = self.ctx.principal, self.ctx.key_id
+        try:
+            route = self.state.require_route(self.config.model, "stt")
+            ctx.model, ctx.target = route.name, "local"
+            governance.admit(ctx, route, audio_seconds=seconds, requests=0)
+        except APIError as exc:
+            governance.finish(ctx, exc.status)
+            raise refused(exc, fatal=True) from None
+        ctx.audio_seconds = seconds
+        governance.finish(ctx, 200)
 
     def _clear(self) -> None:
         self.turns.clear()
