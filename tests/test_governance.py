@@ -10,6 +10,7 @@ import stat
 import subprocess
 import time
 from collections.abc import Callable
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ tiers:
   slow: {requests_per_minute: 12}
   tokens: {tokens_per_minute: 1000}
   daily: {tokens_per_day: 30}
+  monthly: {tokens_per_month: 30}
   speech: {characters_per_minute: 100}
   dictation: {audio_seconds_per_minute: 10}
 """
@@ -326,6 +328,25 @@ def test_a_daily_quota_is_a_429_insufficient_quota_that_survives_a_restart(admin
     assert 'appliance_quota_refused_total{tier="daily"} 1.0' in metrics
 
 
+def test_a_monthly_quota_is_a_429_insufficient_quota_until_next_month_and_survives_a_restart(admin, serve):
+    key = admin.add("term-app", "--tier", "monthly")
+    gw = serve()
+    used = 0
+    while used < 30:
+        answer = post_chat(gw, key)
+        assert answer.status_code == 200
+        used += answer.json()["usage"]["total_tokens"]
+    error = post_chat(gw, key).json()["error"]
+    assert error["code"] == "insufficient_quota" and "quota for the month" in error["message"]
+    first_of_next_month = (date.today().replace(day=1) + timedelta(days=32)).replace(day=1).isoformat()
+    assert f"resets on {first_of_next_month}" in error["message"]
+    # The month's count is read back from the ledger: a restart does not give the quota back.
+    admin.wait_usage(lambda rows: sum(r["completion_tokens"] for r in rows) > 0, "--key", "term-app")
+    gw.stop()
+    again = serve()
+    assert post_chat(again, key).json()["error"]["code"] == "insufficient_quota"
+
+
 def test_a_model_the_key_may_not_use_is_403_model_not_allowed(admin, serve):
     key = admin.add("quick-app", "--models", "nvidia/nemotron-mini-4b-instruct")
     gw = serve()
@@ -382,6 +403,32 @@ def test_the_cloud_budget_holds_the_cloud_under_its_rate_during_a_local_outage(
         gw.client(api_key=key).chat.completions.create(model=TIER1, messages=MESSAGES)
     assert exc.value.body["code"] == "cloud_budget_exhausted"
     assert len(cloud_llm.seen) == 4
+
+
+def test_the_sdk_with_its_default_retries_waits_out_the_cloud_budget(admin, start_gateway, cloud_llm):
+    key = admin.add("reader")
+    gw = start_gateway(
+        APPLIANCE_LLM_URL="http://127.0.0.1:9/v1",  # the local engine is down
+        NVIDIA_NIM_BASE_URL=cloud_llm.base_url,
+        NVIDIA_NIM_API_KEY=CLOUD_KEY,
+        NVIDIA_NIM_RPM="6",  # one request every 10 s once the minute's are spent
+        **admin.gateway_settings(),
+    )
+    served = 0
+    while post_chat(gw, key).status_code == 200:  # spend the minute's budget
+        served += 1
+    answers: list[httpx.Response] = []
+    hooks = {"response": [answers.append]}
+    client = openai.OpenAI(base_url=gw.base_url, api_key=key, http_client=httpx.Client(event_hooks=hooks))
+    started = time.monotonic()
+    completion = client.chat.completions.create(model=TIER1, messages=MESSAGES)
+    waited = time.monotonic() - started
+    assert completion.choices[0].message.content
+    assert answers[0].status_code == 503 and answers[-1].status_code == 200
+    retry_after = int(answers[0].headers["retry-after"])
+    assert 1 <= retry_after <= 15
+    assert waited >= retry_after - 1  # as told, not the SDK's own sub-second backoff
+    assert len(cloud_llm.seen) == served + 1  # the retries never reached NVIDIA early
 
 
 def test_a_429_from_nvidia_closes_the_cloud_until_its_retry_after(admin, start_gateway, cloud_llm):
