@@ -100,10 +100,19 @@ def test_a_sessions_turns_are_counted_in_the_ledger_by_key_and_model(gw, admin, 
 
 def test_a_turn_past_the_keys_audio_rate_ends_the_session_with_rate_limit_exceeded(gw, admin, keys):
     key = keys["quick-dictation"]
-    # The first turn (1.5 s) passes on a full minute's allowance (1 s) and leaves the key in debt.
-    events = dictate(gw, key, turns=2)
-    assert len(events.of(COMPLETED)) == 1
-    assert refusal(events) == "rate_limit_exceeded"
+    # The first turn (1.5 s) passes on a full minute's allowance (1 s) and leaves the key in debt; the
+    # second, committed at once, is refused, and the first still gets its transcript before the error.
+    client = gw.client(api_key=key, timeout=60)
+    with client.realtime.connect(extra_query={"intent": "transcription"}) as conn:
+        events = Recorder(conn)
+        conn.session.update(session=ga_session(turn_detection=None))
+        for _ in range(2):
+            conn.input_audio_buffer.append(audio=b64(pcm16(TURN)))
+            conn.input_audio_buffer.commit()
+        assert refusal(events) == "rate_limit_exceeded"
+    assert [e.type for e in events.of(COMPLETED) + events.of("error")] == [COMPLETED, "error"]
+    kinds = [e.type for e in events.wait(lambda got: True, 1)]
+    assert kinds.index(COMPLETED) < kinds.index("error")
     assert events.of("error")[0].error["type"] == "rate_limit_error"
     # Still in debt, the key's next session is refused as it opens.
     assert refusal(dictate(gw, key, turns=1)) == "rate_limit_exceeded"

@@ -40,6 +40,9 @@ MIN_COMMIT_SECONDS = 0.1  # as OpenAI: a commit needs at least 100 ms of audio
 UPDATE_EVENTS: dict[str, Dialect] = {"session.update": "ga", "transcription_session.update": "beta"}
 # Close codes: policy violation (bad input, idle, not reading), try again later (busy), internal error.
 CLOSE_POLICY, CLOSE_BUSY, CLOSE_ERROR = 1008, 1013, 1011
+# The key's governance refusing a turn: the turns committed before it still get their transcripts.
+GOVERNED = frozenset({"model_not_allowed", "rate_limit_exceeded", "insufficient_quota"})
+FINISH_TURNS_SECONDS = 30.0
 
 
 def refused(exc: APIError, code: str = "invalid_request", fatal: bool = False) -> ProtocolError:
@@ -170,8 +173,11 @@ class Session:
         self, exc: ProtocolError, tasks: list[asyncio.Task[Any]], code: int = CLOSE_POLICY
     ) -> None:
         """Tell the client why, as the last event, and close."""
-        sender, *others = tasks
-        for task in others:
+        sender, receiver, engine = tasks
+        if exc.code in GOVERNED:
+            receiver.cancel()
+            await self._finish_turns(engine)
+        for task in (receiver, engine):
             task.cancel()
         if sender.done() or exc.code == "client_not_reading":
             sender.cancel()
@@ -183,6 +189,14 @@ class Session:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(sender, self.settings.realtime_send_timeout)
         await self._close(code, exc.message)
+
+    async def _finish_turns(self, engine: asyncio.Task[Any]) -> None:
+        """The turns committed before a refusal were admitted and charged: their transcripts go out
+        before the error (within a bound; a polled wait, as it happens once, at the session's end)."""
+        self.open = None  # no more partial passes
+        deadline = time.monotonic() + FINISH_TURNS_SECONDS
+        while self.finals and not engine.done() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
 
     async def _last_word(self, exc: ProtocolError, code: int) -> None:
         """The error event and the close, sent directly, each with a bound: the client may not read."""
