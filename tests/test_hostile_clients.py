@@ -215,6 +215,22 @@ def test_a_client_that_sends_its_whole_oversized_body_before_reading_gets_the_41
     assert healthz_seconds(gw.url) < 2
 
 
+def test_an_answer_before_the_body_is_in_closes_the_connection_so_a_keep_alive_client_does_not_reuse_it(
+    start_gateway,
+):
+    gw = start_gateway()
+    with gw.http() as http:  # one pooled keep-alive connection, as SDKs use
+        early = http.post("/v1/chat/completions", content=b"x" * (8 * 1024 * 1024))
+        assert early.status_code == 413
+        assert early.headers["connection"] == "close"  # so the client opens a fresh connection next
+        after = http.get("/v1/models")  # on the dropped connection this met "Server disconnected"
+        assert after.status_code == 200
+        # A request whose body was read whole keeps its connection.
+        body = {"model": "no-such-model", "messages": [{"role": "user", "content": "Hi"}]}
+        kept = http.post("/v1/chat/completions", json=body)
+        assert kept.status_code == 404 and "connection" not in kept.headers
+
+
 # File descriptors.
 
 

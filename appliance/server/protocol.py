@@ -70,6 +70,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._linger_parses = False  # while lingering, still parse (to see where the request ends)
         self._linger_bytes = 0
         self._linger_timer: asyncio.TimerHandle | None = None
+        self._keep_alive_after_body = True  # the request's keep-alive, once its body is all in
 
     # Connection.
 
@@ -80,6 +81,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._close_now()
             return
         self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
+
+    def shutdown(self) -> None:
+        self._keep_alive_after_body = False  # a request still arriving gets the last answer here
+        super().shutdown()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timers()
@@ -143,8 +148,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._head_timer.cancel()
             self._head_timer = None
         super().on_headers_complete()
+        # An answer that starts before the whole body is in (a 413, a 429 busy) is followed by closing:
+        # it must say `connection: close`, or the client reuses the connection and meets the close.
+        if self._cycle_of_this_request():  # not for a WebSocket upgrade, which has no cycle
+            self._keep_alive_after_body, self.cycle.keep_alive = self.cycle.keep_alive, False
 
     def on_message_complete(self) -> None:
+        if self._cycle_of_this_request() and not self.cycle.response_started:
+            self.cycle.keep_alive = self._keep_alive_after_body
         super().on_message_complete()
         self._body_pending = False
         self._head_open, self._head_bytes = True, 0
@@ -159,6 +170,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.close_in_stages()
             return
         super().on_response_complete()
+
+    def _cycle_of_this_request(self) -> bool:
+        return self.cycle is not None and self.cycle.scope is self.scope
 
     # Rejecting and closing.
 
