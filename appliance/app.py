@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, Response
 from appliance import __version__
 from appliance.catalog import Route, load_catalog
 from appliance.config import Settings
+from appliance.console import routes as console_routes
 from appliance.errors import APIError, model_not_found
 from appliance.governance import Governance
 from appliance.metrics import exposition
@@ -60,8 +61,11 @@ def create_app(settings: Settings, governance: Governance | None = None) -> Gate
     _install_common_routes(app, state)
     for install in _feature_installers():
         install(app, state)
+    admin_gate = console_routes.install(app, state)
     _install_error_handlers(app)
-    return GatewayMiddleware(app, governance=state.governance, fast_routes=state.fast_routes)
+    return GatewayMiddleware(
+        app, governance=state.governance, fast_routes=state.fast_routes, admin_gate=admin_gate
+    )
 
 
 def _feature_installers() -> list[Callable[[FastAPI, AppState], None]]:

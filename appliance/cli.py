@@ -188,9 +188,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     catalog = load_catalog()
     global_policy = args.cloud_fallback or settings.cloud_fallback or "on_failure"
     policies = {
-        r.name: args.cloud_fallback
-        or settings.fallback_policy(r.name, "on_failure" if r.kind == "llm" else "never")
-        for r in catalog.routes
+        name: args.cloud_fallback or policy
+        for name, policy in settings.fallback_policies(catalog.routes).items()
     }
     found: tuple[list[int], str | None, str] | str
     if args.cpu:

@@ -10,7 +10,7 @@ import ipaddress
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -41,6 +41,9 @@ from appliance.upstreams.settings import (
     is_http_url,
 )
 from appliance.upstreams.zones import Zone
+
+if TYPE_CHECKING:
+    from appliance.catalog import Route
 
 FallbackPolicy = Literal["never", "on_failure", "on_overload"]
 
@@ -149,6 +152,8 @@ class Settings(BaseSettings):
     # Opens /readyz's detail and /admin/api/, as does the key `appliance admin-key` makes; stored only as
     # its hash (appliance.auth.AdminKeys).
     admin_key: SecretStr | None = _env("APPLIANCE_ADMIN_KEY")
+    # The admin console's sign-in lasts this long (then the admin signs in again).
+    admin_session_minutes: float = _env("APPLIANCE_ADMIN_SESSION_MINUTES", 60.0, gt=0, le=24 * 60)
 
     # Governance: tiers (over the defaults free, standard, enterprise), the ledger, the cloud budget.
     tiers: Annotated[dict[str, TierConfig], NoDecode] = _env("APPLIANCE_TIERS", dict)
@@ -328,6 +333,12 @@ class Settings(BaseSettings):
     @property
     def llm_urls(self) -> list[str]:
         return self.llm_url.split(",")
+
+    def fallback_policies(self, routes: Iterable[Route]) -> dict[str, FallbackPolicy]:
+        """Public model -> its effective cloud policy (speech defaults to never: no cloud stand-in)."""
+        return {
+            r.name: self.fallback_policy(r.name, "on_failure" if r.kind == "llm" else "never") for r in routes
+        }
 
     @property
     def client_keys(self) -> list[str]:

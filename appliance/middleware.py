@@ -21,12 +21,16 @@ if TYPE_CHECKING:
 
 # A hot-path handler: takes the request's scope and receive, returns the response to send (any ASGI app).
 FastHandler = Callable[[Scope, Receive], Awaitable[ASGIApp]]
+# The console's check of an admin request that carries no key: None lets it through, else the response
+# that refuses it (a redirect to sign in, or a 401).
+AdminGate = Callable[[Scope, "RequestContext"], ASGIApp | None]
 
 # Paths that need no client key: liveness, readiness and metrics carry no request content, no secret and
 # no internal address (/readyz's detail needs the admin key; see app.readyz).
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 # Paths for the admin key only; client keys get 403 there.
 ADMIN_PREFIX = "/admin/"
+CONSOLE_ROOTS = frozenset({"/", "/admin"})  # redirect to the console
 
 
 class RequestContext:
@@ -120,11 +124,16 @@ class GatewayMiddleware:
     skipping the framework's middleware stack: they are the relay's hot path."""
 
     def __init__(
-        self, app: ASGIApp, governance: Governance, fast_routes: dict[tuple[str, str], FastHandler]
+        self,
+        app: ASGIApp,
+        governance: Governance,
+        fast_routes: dict[tuple[str, str], FastHandler],
+        admin_gate: AdminGate | None = None,
     ) -> None:
         self.app = app
         self.governance = governance
         self.fast_routes = fast_routes
+        self.admin_gate = admin_gate
         self.ids = RequestIds()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -139,7 +148,7 @@ class GatewayMiddleware:
         scope.setdefault("state", {})["ctx"] = ctx
         rid = ctx.request_id.encode()
         status = 0
-        error: APIError | None = None
+        refusal: ASGIApp | None = None
         fast: FastHandler | None = None
 
         async def send_with_id(message: Message) -> None:
@@ -154,11 +163,11 @@ class GatewayMiddleware:
             await send(message)
 
         try:
-            # Authentication: every path but OPEN_PATHS needs a client key.
-            error = self._authenticate(scope, ctx)
+            # Authentication: every path but OPEN_PATHS needs a client key (the admin's under /admin/).
+            refusal = self._refusal(scope, ctx)
             fast = self.fast_routes.get((scope["method"], scope["path"]))
-            if error is not None:
-                await error.response()(scope, receive, send_with_id)
+            if refusal is not None:
+                await refusal(scope, receive, send_with_id)
             elif fast is not None:
                 try:
                     response = await fast(scope, receive)
@@ -174,7 +183,7 @@ class GatewayMiddleware:
                     scope, receive, send_with_id
                 )
         finally:
-            self._log(scope, ctx, status, started, error is not None, fast is not None)
+            self._log(scope, ctx, status, started, refusal is not None, fast is not None)
             self.governance.finish(ctx, status)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -188,6 +197,15 @@ class GatewayMiddleware:
             return
         await self.app(scope, receive, send)
 
+    def _refusal(self, scope: Scope, ctx: RequestContext) -> ASGIApp | None:
+        """The response that refuses an HTTP request, or None. An admin path without a key is the
+        console's to judge (its session cookie); everything else is the key check's."""
+        token = bearer_token(scope)
+        if token is None and self.admin_gate is not None and _is_admin_path(scope["path"]):
+            return self.admin_gate(scope, ctx)
+        error = self._authenticate(scope, ctx, token)
+        return None if error is None else error.response()
+
     def _authenticate(self, scope: Scope, ctx: RequestContext, token: str | None = None) -> APIError | None:
         path = scope["path"]
         if path in OPEN_PATHS:
@@ -197,7 +215,7 @@ class GatewayMiddleware:
             return APIError(
                 401, "Missing API key: send 'Authorization: Bearer <key>'.", code="missing_api_key"
             )
-        if path.startswith(ADMIN_PREFIX):
+        if _is_admin_path(path):
             return self._authenticate_admin(token, ctx)
         found = self.governance.authenticate(token)
         if isinstance(found, APIError):
@@ -239,6 +257,10 @@ class GatewayMiddleware:
             if value is not None:
                 fields[name] = value
         access(fields)
+
+
+def _is_admin_path(path: str) -> bool:
+    return path.startswith(ADMIN_PREFIX) or path in CONSOLE_ROOTS
 
 
 def _route_label(scope: Scope, refused: bool, fast: bool) -> str:

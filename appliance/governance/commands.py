@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import getpass
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -16,15 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 from appliance.auth import check_key_name, hash_key, new_key
 from appliance.governance.clock import Clock
-from appliance.governance.keys import (
-    ZONES,
-    KeyInputError,
-    parse_expiry,
-    validate_label,
-    validate_zone,
-)
+from appliance.governance.keyadmin import change_key, create_key, key_fields, revoke_key, rotate_key
+from appliance.governance.keys import ZONES
 from appliance.governance.store import Store, UsageFilter, open_store
-from appliance.governance.tiers import resolve_tiers
 
 if TYPE_CHECKING:
     from appliance.config import Settings
@@ -64,7 +60,11 @@ def add_parsers(sub: Any, handler: Callable[[argparse.Namespace], int]) -> None:
     who.add_argument("--key", metavar="NAME")
     who.add_argument("--school")
     who.add_argument("--group")
-    usage.add_argument("--by", choices=["day", "key", "model"], help="sum per day, key or model")
+    usage.add_argument(
+        "--by",
+        choices=["day", "key", "model", "school", "group", "app"],
+        help="sum per day, key, model, school, group or app",
+    )
     form = usage.add_mutually_exclusive_group()
     form.add_argument("--json", action="store_true")
     form.add_argument("--csv", action="store_true")
@@ -119,8 +119,7 @@ def _keys(args: argparse.Namespace, store: Store, settings: Settings, fail: Fail
             return fail(
                 f"key '{args.name}' exists; `appliance keys rotate {args.name}` gives it a new secret"
             )
-        secret = new_key()
-        record = store.add_key(args.name, hash_key(secret), **_fields(args, settings))
+        record, secret = create_key(store, args.name, _fields(args, settings), _actor())
         print(f"key '{record.name}' added, tier {record.tier or settings.default_tier}", file=sys.stderr)
         print(secret)  # alone on stdout, shown once: only its hash is stored
         return 0
@@ -131,13 +130,12 @@ def _keys(args: argparse.Namespace, store: Store, settings: Settings, fail: Fail
         print(_dumps({**record.public(), "today": _today(store).get(record.name)}), end="")
         return 0
     if command == "rotate":
-        secret = new_key()
-        store.update_key(args.name, digest=hash_key(secret))
+        secret = rotate_key(store, args.name, _actor())
         print(f"key '{record.name}' has a new secret; the old one no longer works", file=sys.stderr)
         print(secret)
         return 0
     if command in ("revoke", "remove"):
-        store.revoke(args.name)
+        revoke_key(store, args.name, _actor())
         print(f"key '{record.name}' revoked")
         return 0
     fields = _fields(args, settings)  # set
@@ -149,44 +147,24 @@ def _keys(args: argparse.Namespace, store: Store, settings: Settings, fail: Fail
         return fail(
             "nothing to change: give --tier, --school, --group, --app, --models, --max-zone or --expires"
         )
-    store.update_key(args.name, **fields)
+    change_key(store, args.name, fields, _actor())
     print(f"key '{record.name}' updated")
     return 0
 
 
 def _fields(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     """The key options given, validated; options not given are left out."""
-    fields: dict[str, Any] = {}
-    if args.tier is not None:
-        tiers = resolve_tiers(settings.tiers)
-        if args.tier not in tiers:
-            raise KeyInputError(f"unknown tier {args.tier!r}: one of {', '.join(sorted(tiers))}")
-        fields["tier"] = args.tier
-    for kind in ("school", "group", "app"):
-        value = getattr(args, kind)
-        if value is not None:
-            fields[kind] = validate_label(kind, value)
-    if args.models is not None:
-        fields["models"] = _public_models(args.models)
-    if args.max_zone is not None:
-        fields["max_zone"] = validate_zone(args.max_zone)
-    if args.expires is not None:
-        fields["expires"] = parse_expiry(args.expires)
-    return fields
+    options = ("tier", "school", "group", "app", "models", "max_zone", "expires")
+    return key_fields(settings, **{name: getattr(args, name) for name in options})
 
 
-def _public_models(names: list[str]) -> list[str]:
-    """Each name (or alias) as the catalog's public name; an unknown one is an error."""
-    from appliance.catalog import load_catalog
-
-    catalog = load_catalog()
-    public = []
-    for name in names:
-        route = catalog.route(name)
-        if route is None:
-            raise KeyInputError(f"unknown model {name!r}: `GET /v1/models` lists the public names")
-        public.append(route.name)
-    return sorted(set(public))
+def _actor() -> str:
+    """Who, in the audit list: the command and the system user who ran it."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (a container's numeric user)
+        user = str(os.getuid())
+    return f"appliance keys (user {user})"
 
 
 def _today(store: Store) -> dict[str, dict[str, Any]]:

@@ -82,6 +82,17 @@ MIGRATIONS = [
     );
     CREATE INDEX usage_day ON usage (day);
     """,
+    # The admin actions' audit list: who changed which key, how, when. Never a secret.
+    """
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY,
+        at REAL NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        detail TEXT NOT NULL DEFAULT ''
+    );
+    """,
 ]
 
 KEY_COLUMNS = (
@@ -95,8 +106,18 @@ REPORT_GROUPS = {
     "day": ("day",),
     "key": ("key",),
     "model": ("model",),
+    "school": ("school",),
+    "group": ("group",),
+    "app": ("app",),
 }
-GROUP_SQL = {"key": KEY_NAME_SQL, "model": "u.model", "day": "u.day"}
+GROUP_SQL = {
+    "key": KEY_NAME_SQL,
+    "model": "u.model",
+    "day": "u.day",
+    "school": "k.school",
+    "group": "k.grp",
+    "app": "k.app",
+}
 
 UsageKey = tuple[int, str, str, int]  # key id, public model, day, hour
 
@@ -112,7 +133,7 @@ class UsageFilter:
     key: str | None = None
     school: str | None = None
     group: str | None = None
-    by: str | None = None  # None (key, model, day), "day", "key" or "model"
+    by: str | None = None  # None (key, model, day), or one of "day", "key", "model", "school", "group", "app"
 
     def __post_init__(self) -> None:
         for name in ("since", "until"):
@@ -123,7 +144,8 @@ class UsageFilter:
                 except ValueError:
                     raise ValueError(f"invalid {name} date {value!r}: give YYYY-MM-DD") from None
         if self.by not in REPORT_GROUPS:
-            raise ValueError(f"invalid grouping {self.by!r}: one of day, key, model")
+            choices = ", ".join(g for g in REPORT_GROUPS if g)
+            raise ValueError(f"invalid grouping {self.by!r}: one of {choices}")
 
 
 def database_path(data_dir: Path) -> Path:
@@ -326,6 +348,20 @@ class Store:
                 entry[name] = round(value, 3) if name == "audio_seconds" else int(value)
             report.append(entry)
         return report
+
+    def audit_action(self, actor: str, action: str, target: str, detail: str = "") -> None:
+        """Record one admin action (who, what, on which key); callers pass no secret."""
+        self._write(
+            "INSERT INTO audit (at, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)",
+            (time.time(), actor, action, target, detail),
+        )
+
+    def audit(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The latest admin actions, newest first."""
+        rows = self._read(
+            "SELECT at, actor, action, target, detail FROM audit ORDER BY id DESC LIMIT ?", (limit,)
+        )
+        return [dict(zip(("at", "actor", "action", "target", "detail"), row, strict=True)) for row in rows]
 
     def prune(self, before_day: str) -> int:
         """Delete ledger rows older than `before_day`; the retention period's enforcement."""

@@ -1,0 +1,233 @@
+"""What each console page shows, worked out from the gateway's own state and the governance store's
+reports (the same figures `/readyz`, `/admin/api/` and `appliance usage` give). Pure data for the
+templates: no HTML here, and never a secret or any request content."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import date, timedelta
+from typing import Any
+
+from appliance.catalog import Route
+from appliance.governance.store import COUNTERS, UsageFilter
+from appliance.planner import PlanPolicy, plan
+from appliance.state import AppState
+
+USAGE_DAYS = 30
+CSV_COLUMNS = COUNTERS
+TABLE_GROUPS = {"key": "Key", "school": "School", "group": "Group", "app": "App"}
+POLICY_WORDS = {
+    "never": "Never leaves the box.",
+    "on_failure": "Goes to NVIDIA's cloud only when the box cannot serve it (engine down or failing).",
+    "on_overload": "Goes to NVIDIA's cloud when the box cannot serve it, or when the engine is overloaded "
+    "({waiting} or more requests waiting).",
+}
+
+
+@dataclass
+class ServiceStatus:
+    name: str
+    ready: bool
+    reason: str
+    not_ready: str = "Not ready"  # the badge's word when it is not ready
+
+
+def when_text(at: float | None) -> str:
+    return "never" if at is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(at))
+
+
+def uptime_text(seconds: float) -> str:
+    minutes, _ = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h {minutes} min" if days else f"{hours} h {minutes} min"
+
+
+# Overview.
+
+
+def overview(state: AppState) -> dict[str, Any]:
+    checks = {name: check() for name, check in state.readiness.items()}
+    llm = checks.get("llm") or {}
+    targets = llm.get("targets") or {}
+    gpu = checks.get("gpu") or {"ready": False, "status": "off", "reasons": ["the GPU monitor is off"]}
+    return {
+        "services": services(state, checks),
+        "gpu": gpu,
+        "plan": vram_plan(state, gpu),
+        "breakers": [{"name": name, **target} for name, target in targets.items()],
+        "queue_depth": (targets.get("local") or {}).get("requests_waiting"),
+        "overloaded": llm.get("overloaded", False),
+        "governance": checks.get("governance") or {},
+        "uptime": uptime_text(time.time() - state.started),
+        "started": state.started,
+    }
+
+
+def services(state: AppState, checks: dict[str, dict[str, Any]]) -> list[ServiceStatus]:
+    llm = checks.get("llm") or {"ready": False}
+    local = (llm.get("targets") or {}).get("local") or {}
+    served = local.get("served_models") or []
+    if llm.get("ready") and served:
+        chat_reason = f"vLLM answers at {local.get('url')} and serves {', '.join(served)}."
+    elif llm.get("ready"):
+        chat_reason = "The local engine is not serving; chat is answered by the cloud."
+    elif local.get("last_error"):
+        chat_reason = f"The local engine fails: {local['last_error']}."
+    else:
+        chat_reason = f"The local engine at {local.get('url')} has not answered yet."
+    stt = checks.get("stt") or {"ready": False, "error": "speech-to-text is not installed"}
+    stt_reason = (
+        f"Whisper {stt.get('model')} is loaded on {stt.get('device')} ({stt.get('compute_type')})."
+        if stt.get("ready")
+        else stt.get("error") or f"The model is {stt.get('state', 'not loaded')}."
+    )
+    tts = checks.get("tts") or {"ready": False, "detail": "text-to-speech is not configured"}
+    tts_reason = tts.get("detail") or ("The speech NIM is ready." if tts.get("ready") else "Not ready.")
+    return [
+        ServiceStatus("Chat (LLM engine)", bool(llm.get("ready")), chat_reason),
+        ServiceStatus("Speech-to-text", bool(stt.get("ready")), stt_reason),
+        ServiceStatus("Text-to-speech", bool(tts.get("ready")), tts_reason),
+        cloud_status(state, llm, checks.get("governance") or {}),
+    ]
+
+
+def cloud_status(state: AppState, llm: dict[str, Any], governance: dict[str, Any]) -> ServiceStatus:
+    cloud = (llm.get("targets") or {}).get("cloud")
+    if cloud is None:
+        return ServiceStatus(
+            "Cloud fallback", False, "Not configured (no NVIDIA key): nothing leaves the box."
+        )
+    if cloud.get("breaker") == "open":
+        return ServiceStatus("Cloud fallback", False, f"NVIDIA's cloud fails: {cloud.get('last_error')}.")
+    budget = governance.get("cloud_budget") or {}
+    if budget.get("paused_for_seconds"):
+        seconds = round(budget["paused_for_seconds"])
+        return ServiceStatus(
+            "Cloud fallback", False, f"The cloud budget is spent; it refills in {seconds} s."
+        )
+    return ServiceStatus(
+        "Cloud fallback", True, f"Available at {cloud.get('url')}, within the school's policy."
+    )
+
+
+def vram_plan(state: AppState, gpu: dict[str, Any]) -> dict[str, Any]:
+    """The planner's answer for the card the monitor sees: what runs here, what goes to the cloud, why."""
+    totals = [g.get("memory_total_mib") for g in gpu.get("gpus") or () if g.get("memory_total_mib")]
+    if not totals:
+        return {"gpu_memory_mib": None, "routes": [], "vllm": None}
+    result = plan(
+        state.catalog,
+        totals[0],
+        PlanPolicy(cloud_fallback=state.settings.fallback_policies(state.catalog.routes)),
+    )
+    return result.to_dict()
+
+
+# Usage.
+
+
+def usage_window(today: date | None = None) -> tuple[str, str, list[str]]:
+    """The last 30 days, today included: (first day, last day, every day in order)."""
+    last = today or date.today()
+    days = [(last - timedelta(days=n)).isoformat() for n in range(USAGE_DAYS - 1, -1, -1)]
+    return days[0], days[-1], days
+
+
+def usage_rows(state: AppState, by: str) -> list[dict[str, Any]]:
+    """The last 30 days' ledger figures summed per day, key, school, group or app."""
+    since, until, _ = usage_window()
+    return state.governance.store.usage_report(UsageFilter(since=since, until=until, by=by))
+
+
+def usage(state: AppState, by: str) -> dict[str, Any]:
+    since, until, days = usage_window()
+    per_day = {r["day"]: r for r in usage_rows(state, "day")}
+    table = usage_rows(state, by)
+    daily = [per_day.get(day) or {"day": day} for day in days]
+    return {
+        "since": since,
+        "until": until,
+        "by": by,
+        "daily": daily,
+        "table": [{**row, "name": row.get(by)} for row in table],
+        "share": share(per_day.values()),
+    }
+
+
+def share(rows: Any) -> dict[str, Any]:
+    """Served on the box vs by the cloud, and why the cloud served, over `rows`."""
+    totals = {
+        name: sum(r.get(name, 0) for r in rows)
+        for name in ("served_box", "served_cloud", "cloud_on_failure", "cloud_on_overload", "requests")
+    }
+    served = totals["served_box"] + totals["served_cloud"]
+    totals["box_percent"] = round(100 * totals["served_box"] / served, 1) if served else None
+    totals["cloud_percent"] = round(100 * totals["served_cloud"] / served, 1) if served else None
+    return totals
+
+
+# Keys.
+
+
+def keys(state: AppState) -> dict[str, Any]:
+    store = state.governance.store
+    day = state.governance.clock.day
+    today = {r["key"]: r for r in store.usage_report(UsageFilter(since=day, until=day, by="key"))}
+    records = store.keys()
+    return {
+        "keys": [{**record.public(), "today": today.get(record.name) or {}} for record in records],
+        "tiers": sorted(state.governance.keyring.tiers),
+        "default_tier": state.settings.default_tier,
+        "models": [r.name for r in state.catalog.routes],
+        "audit": store.audit(),
+    }
+
+
+# Privacy.
+
+
+def privacy(state: AppState) -> dict[str, Any]:
+    store = state.governance.store
+    since, until, _ = usage_window()
+    counts = {r["model"]: r for r in store.usage_report(UsageFilter(since=since, until=until, by="model"))}
+    records = store.keys()
+    policies = state.settings.fallback_policies(state.catalog.routes)
+    cloud_on = state.settings.cloud_enabled
+    return {
+        "models": [
+            model_policy(route, policies[route.name], cloud_on, state, counts)
+            for route in state.catalog.routes
+        ],
+        "cloud_configured": cloud_on,
+        "retention_days": state.settings.usage_retention_days,
+        "box_only_keys": sorted(r.name for r in records if r.max_zone != "cloud"),
+        "since": since,
+        "until": until,
+        "share": share(counts.values()),
+    }
+
+
+def model_policy(
+    route: Route, policy: str, cloud_on: bool, state: AppState, counts: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    leaves = cloud_on and route.cloud is not None and policy != "never"
+    if leaves:
+        words = POLICY_WORDS[policy].format(waiting=state.settings.overload_waiting)
+    elif route.cloud is None or policy == "never":
+        words = POLICY_WORDS["never"]
+    else:
+        words = "Never leaves the box: no NVIDIA key is configured."
+    row = counts.get(route.name) or {}
+    return {
+        "name": route.name,
+        "kind": route.kind,
+        "policy": policy if leaves else "never",
+        "words": words,
+        "cloud_model": route.cloud if leaves else None,
+        "requests": row.get("requests", 0),
+        "served_cloud": row.get("served_cloud", 0),
+        "cloud_on_failure": row.get("cloud_on_failure", 0),
+        "cloud_on_overload": row.get("cloud_on_overload", 0),
+    }
