@@ -97,9 +97,9 @@ class Console:
         self.env = templates()
         self.static = static_files()
 
-    def page(self, request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
+    def page(self, request: Request, template: str, status: int = 200, **context: Any) -> HTMLResponse:
         session = session_of(request.scope)
-        html = self.env.get_template(name).render(
+        html = self.env.get_template(template).render(
             csrf=session.csrf if session else None,
             path=request.url.path,
             version=__version__,
@@ -172,28 +172,36 @@ class Console:
 
     async def key_action(self, request: Request, name: str, action: str) -> Response:
         form = await self.checked_form(request)
-        store, actor = self.state.governance.store, self.actor(request)
         try:
-            if action == "create":
-                fields = self.fields_from(form, creating=True)
-                name = (field(form, "name") or "").strip()
-                record, secret = await asyncio.to_thread(create_key, store, name, fields, actor)
-                return self.secret_page(request, record.name, secret, "created")
-            if action == "rotate":
-                secret = await asyncio.to_thread(rotate_key, store, name, actor)
-                if secret is None:
-                    raise KeyInputError(f"no active key named '{name}'")
-                return self.secret_page(request, name, secret, "rotated")
-            if action == "revoke":
-                if not await asyncio.to_thread(revoke_key, store, name, actor):
-                    raise KeyInputError(f"no active key named '{name}'")
-            else:  # change
-                fields = self.fields_from(form, creating=False)
-                if await asyncio.to_thread(change_key, store, name, fields, actor) is None:
-                    raise KeyInputError(f"no active key named '{name}'")
+            response = await self.change_keys(request, form, name, action)
         except KeyInputError as exc:
             data = await asyncio.to_thread(views.keys, self.state)
             return self.page(request, "keys.html", 400, error=str(exc), **data)
+        await asyncio.to_thread(self.state.governance.reload_keys)  # in force before the page shows
+        return response
+
+    async def change_keys(
+        self, request: Request, form: dict[str, list[str]], name: str, action: str
+    ) -> Response:
+        """Do a key action; the page with a new secret, or a redirect to the keys."""
+        store, actor = self.state.governance.store, self.actor(request)
+        if action == "create":
+            fields = self.fields_from(form, creating=True)
+            name = (field(form, "name") or "").strip()
+            record, secret = await asyncio.to_thread(create_key, store, name, fields, actor)
+            return self.secret_page(request, record.name, secret, "created")
+        if action == "rotate":
+            secret = await asyncio.to_thread(rotate_key, store, name, actor)
+            if secret is None:
+                raise KeyInputError(f"no active key named '{name}'")
+            return self.secret_page(request, name, secret, "rotated")
+        if action == "revoke":
+            if not await asyncio.to_thread(revoke_key, store, name, actor):
+                raise KeyInputError(f"no active key named '{name}'")
+        else:  # change
+            fields = self.fields_from(form, creating=False)
+            if await asyncio.to_thread(change_key, store, name, fields, actor) is None:
+                raise KeyInputError(f"no active key named '{name}'")
         return RedirectResponse("/admin/keys", status_code=303)
 
     def fields_from(self, form: dict[str, list[str]], creating: bool) -> dict[str, Any]:

@@ -80,6 +80,11 @@ class Governance:
         self.admin_keys.replace([*self._admin_setting, *([stored] if stored else [])])
         self._version = version
 
+    def reload_keys(self) -> None:
+        """Load the keys now, after a change through this gateway's own connection (the console):
+        `PRAGMA data_version` only notices other connections' commits. Call it on a worker thread."""
+        self._load()
+
     # The hot path.
 
     def authenticate(self, token: str) -> Principal | APIError:

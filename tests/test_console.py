@@ -1,0 +1,212 @@
+"""The admin console over real HTTP: who may see it, sessions, CSRF, the sign-in throttle, TLS cookies,
+and that no secret or request content reaches a page. (The browser test drives it in Chromium.)"""
+
+from __future__ import annotations
+
+import csv
+import io
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.console import (
+    ADMIN_KEY,
+    API_CALLS,
+    PAGES,
+    admin_api,
+    browser,
+    console_settings,
+    shown_secret,
+    sign_in,
+    signed_in,
+    wait_for,
+    working_client,
+)
+from tests.harness import CLIENT_KEY, Gateway, clean_env
+
+PROMPT = "Pupil Lena Example in class 4b asks about her asthma medication"
+CHAT_MODEL = "nvidia/nemotron-mini-4b-instruct"
+
+
+@pytest.fixture
+def console(start_gateway, local_llm):
+    return start_gateway(APPLIANCE_LLM_URL=local_llm.base_url, **console_settings())
+
+
+def forms(name: str) -> list[tuple[str, dict[str, str]]]:
+    """Every form the console has (path, fields without the CSRF token), acting on key `name`."""
+    return [
+        ("/admin/keys", {"name": "made-by-forgery", "tier": "free"}),
+        (f"/admin/keys/{name}/rotate", {}),
+        (f"/admin/keys/{name}/revoke", {}),
+        (f"/admin/keys/{name}/change", {"tier": "free", "all_models": "1"}),
+        ("/admin/sign-out", {}),
+    ]
+
+
+def assert_refused(
+    client: httpx.Client, headers: dict[str, str] | None = None, api_status: int = 401
+) -> None:
+    """Every page is refused (a redirect to sign in, or a 403 for a client key), every API call too."""
+    for path in PAGES:
+        response = client.get(path, headers=headers)
+        if api_status == 403:
+            assert response.status_code == 403, (path, response.status_code)
+            assert response.json()["error"]["code"] == "admin_key_required"
+        else:
+            assert response.status_code == 303, (path, response.status_code)
+            assert response.headers["location"] == "/admin/sign-in"
+        assert "<table" not in response.text
+    for path in API_CALLS:
+        response = client.get(path, headers=headers)
+        assert response.status_code == api_status, (path, response.status_code)
+        assert response.json()["error"]["type"] in ("authentication_error", "permission_error")
+
+
+def test_root_redirects_and_nothing_opens_without_a_session_or_with_a_client_key(console):
+    anonymous = browser(console)
+    root = anonymous.get("/")
+    assert root.status_code in (302, 307) and root.headers["location"] == "/admin/"
+    assert_refused(anonymous)
+    assert_refused(anonymous, {"Authorization": f"Bearer {CLIENT_KEY}"}, api_status=403)
+    for path, fields in forms("env-1"):
+        response = anonymous.post(path, data={**fields, "csrf": "x"})
+        assert response.status_code == 303 and response.headers["location"] == "/admin/sign-in"
+    # A client key does not sign in; the admin key does (and the bearer admin key reads the API).
+    refused = sign_in(console, CLIENT_KEY)
+    assert refused.status_code == 401 and "not the admin key" in refused.text
+    assert "appliance_session" not in refused.headers.get("set-cookie", "")
+    assert [k["name"] for k in admin_api(console, "/admin/api/keys")] == []
+
+
+def test_a_session_opens_every_page_until_sign_out_ends_it_on_the_server(console):
+    client, csrf = signed_in(console)
+    cookie = client.cookies["appliance_session"]
+    set_cookie = sign_in(console).headers["set-cookie"]
+    assert "HttpOnly" in set_cookie and "SameSite=strict" in set_cookie and "Secure" not in set_cookie
+    for path in PAGES:
+        response = client.get(path)
+        assert response.status_code == 200, (path, response.text)
+        if not path.endswith(".csv"):
+            assert response.headers["content-type"].startswith("text/html")
+            assert "default-src 'self'" in response.headers["content-security-policy"]
+            assert '<main id="main"' in response.text
+    for path in API_CALLS:
+        assert client.get(path).status_code == 200
+    # The session's token guards the admin API's state-changing methods too.
+    assert client.post("/admin/api/keys").status_code == 403
+    assert client.post("/admin/api/keys", headers={"X-CSRF-Token": csrf}).status_code == 405
+
+    out = client.post("/admin/sign-out", data={"csrf": csrf})
+    assert out.status_code == 303 and out.headers["location"] == "/admin/sign-in"
+    replay = browser(console)  # the old cookie, sent again after sign-out
+    replay.cookies.set("appliance_session", cookie)
+    assert_refused(replay)
+
+
+def test_every_form_refuses_a_missing_or_wrong_csrf_token_and_changes_nothing(console):
+    client, csrf = signed_in(console)
+    made = client.post("/admin/keys", data={"name": "reader", "tier": "standard", "csrf": csrf})
+    assert made.status_code == 200
+    secret = shown_secret(made.text)
+    for path, fields in forms("reader"):
+        for token in (None, "wrong-token", csrf[:-2]):
+            data = fields if token is None else {**fields, "csrf": token}
+            response = client.post(path, data=data)
+            assert response.status_code == 403, (path, token, response.status_code)
+            assert "security token" in response.text
+    keys = admin_api(console, "/admin/api/keys")
+    assert [(k["name"], k["tier"], k["revoked"]) for k in keys] == [("reader", "standard", None)]
+    wait_for(lambda: working_client(console, secret))  # the secret still works
+    assert client.get("/admin/").status_code == 200  # and sign-out did not happen
+    # The sign-in form's own token: missing or wrong, no session.
+    for token in ("", "wrong"):
+        response = browser(console).post(
+            "/admin/sign-in", data={"sign_in_token": token, "admin_key": ADMIN_KEY}
+        )
+        assert response.status_code == 403 and "appliance_session" not in response.headers.get(
+            "set-cookie", ""
+        )
+
+
+def test_an_expired_session_is_refused(start_gateway, local_llm):
+    gw = start_gateway(
+        APPLIANCE_LLM_URL=local_llm.base_url, **console_settings(APPLIANCE_ADMIN_SESSION_MINUTES="0.05")
+    )
+    client, _ = signed_in(gw)
+    max_age = sign_in(gw).headers["set-cookie"].split("Max-Age=")[1].split(";")[0]
+    assert max_age == "3"
+    wait_for(lambda: client.get("/admin/").status_code == 303, timeout=10)
+    assert_refused(client)
+
+
+def test_failed_sign_ins_are_throttled_and_logged_without_the_key(console):
+    tried = [f"sk-appliance-admin-guess-{n}" for n in range(5)]
+    for guess in tried:
+        assert sign_in(console, guess).status_code == 401
+    throttled = sign_in(console)  # even the right key waits now
+    assert throttled.status_code == 429 and int(throttled.headers["retry-after"]) >= 1
+    assert "Too many failed sign-ins" in throttled.text
+    logs = console.logs()
+    assert logs.count('"event":"admin sign-in failed"') == 5
+    assert '"event":"admin sign-in refused"' in logs
+    assert not any(guess in logs for guess in tried) and ADMIN_KEY not in logs
+
+
+def test_no_secret_and_no_request_content_in_any_page(console):
+    client, csrf = signed_in(console)
+    made = client.post(
+        "/admin/keys",
+        data={"name": "quiz", "school": "Lindenschule", "group": "4b", "app": "quiz", "csrf": csrf},
+    )
+    secret = shown_secret(made.text)
+    assert secret.startswith("sk-appliance-") and made.headers["cache-control"] == "no-store"
+    app = wait_for(lambda: working_client(console, secret))
+    app.chat.completions.create(model=CHAT_MODEL, messages=[{"role": "user", "content": PROMPT}])
+    wait_for(lambda: any(r["key"] == "quiz" for r in admin_api(console, "/admin/api/usage")))
+
+    pages = {
+        path: client.get(path).text for path in (*PAGES, "/admin/usage?by=group", "/admin/usage.csv?by=day")
+    }
+    pages.update({path: client.get(path).text for path in API_CALLS})
+    session = client.cookies["appliance_session"]
+    for path, body in pages.items():
+        for secret_text in (secret, ADMIN_KEY, CLIENT_KEY, session, *PROMPT.split()[1:3], "asthma"):
+            assert secret_text not in body, (path, secret_text)
+    rows = list(csv.DictReader(io.StringIO(pages["/admin/usage.csv"])))
+    assert [(r["key"], r["requests"], r["served_box"]) for r in rows] == [("quiz", "1", "1")]
+    assert "Lindenschule" in pages["/admin/usage?by=school"]
+    # The audit list names the action and the key, never the secret.
+    assert "create" in pages["/admin/keys"] and "school=Lindenschule" in pages["/admin/keys"]
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"),
+            *("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"),
+            *("-keyout", str(key), "-out", str(cert), "-addext", "subjectAltName=IP:127.0.0.1"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+def test_the_session_cookie_is_secure_over_tls(tmp_path, certificate, monkeypatch):
+    cert, key = certificate
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # this test trusts the appliance's certificate
+    env = clean_env(APPLIANCE_DATA_DIR=str(tmp_path / "data"), **console_settings())
+    gw = Gateway(env, tmp_path / "tls.log", ("--ssl-certfile", str(cert), "--ssl-keyfile", str(key)))
+    gw.url = gw.url.replace("http://", "https://")
+    try:
+        gw.start()
+        response = sign_in(gw)
+        assert response.status_code == 303
+        assert "Secure" in response.headers["set-cookie"] and "HttpOnly" in response.headers["set-cookie"]
+    finally:
+        gw.stop()
