@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+import struct
 import time
+import zlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -98,3 +100,45 @@ def admin_api(gw: Gateway, path: str) -> Any:
     response = httpx.get(gw.url + path, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30)
     assert response.status_code == 200, response.text
     return response.json()
+
+
+def png_colours(data: bytes, limit: int = 16) -> set[bytes]:
+    """Distinct pixel colours of an 8-bit RGB(A) PNG (a browser's screenshot), up to `limit`: enough to
+    tell a rendered page from a blank one without an imaging library."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    chunks, pos = {}, 8
+    while pos < len(data):
+        length = struct.unpack(">I", data[pos : pos + 4])[0]
+        kind = data[pos + 4 : pos + 8]
+        chunks[kind] = chunks.get(kind, b"") + data[pos + 8 : pos + 8 + length]
+        pos += 12 + length
+    width, height, depth, colour_type = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    assert depth == 8 and colour_type in (2, 6), (depth, colour_type)
+    size = 4 if colour_type == 6 else 3
+    raw = zlib.decompress(chunks[b"IDAT"])
+    stride = width * size
+    previous = bytearray(stride)
+    colours: set[bytes] = set()
+    for y in range(height):
+        start = y * (stride + 1)
+        kind, row = raw[start], bytearray(raw[start + 1 : start + 1 + stride])
+        for i in range(stride):  # undo the row's filter (PNG spec, section 9)
+            left = row[i - size] if i >= size else 0
+            up = previous[i]
+            corner = previous[i - size] if i >= size else 0
+            if kind == 1:
+                row[i] = (row[i] + left) & 0xFF
+            elif kind == 2:
+                row[i] = (row[i] + up) & 0xFF
+            elif kind == 3:
+                row[i] = (row[i] + (left + up) // 2) & 0xFF
+            elif kind == 4:
+                p = left + up - corner
+                pa, pb, pc = abs(p - left), abs(p - up), abs(p - corner)
+                row[i] = (row[i] + (left if pa <= pb and pa <= pc else up if pb <= pc else corner)) & 0xFF
+        previous = row
+        if y % 8 == 0:
+            colours.update(bytes(row[x : x + 3]) for x in range(0, stride, size * 4))
+            if len(colours) >= limit:
+                break
+    return colours

@@ -81,7 +81,7 @@ def stacked_bars(chart_id: str, title: str, unit: str, days: Sequence[str], seri
                 Bar(round(x, 1), round(base, 1), round(slot * 0.7, 1), round(height, 1), s.css,
                     f"{day}: {figure(value)} {unit} {s.label}".replace("  ", " "))
             )  # fmt: skip
-        if i % 7 == 0 or i == len(days) - 1:
+        if (len(days) - 1 - i) % 7 == 0:  # weekly, counted back from today
             chart.day_labels.append((round(x + slot * 0.35, 1), day[5:]))
     return chart
 
