@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 from selenium import webdriver
-from selenium.common.exceptions import NoSuchElementException
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.expected_conditions import staleness_of
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from tests.console import ADMIN_KEY, console_settings, png_colours, wait_for, working_client
@@ -57,12 +59,17 @@ class Admin:
         return WebDriverWait(self.driver, WAIT).until(lambda d: d.find_element(By.CSS_SELECTOR, css))
 
     def heading(self) -> str:
-        return self.find("h1").text
+        wait = WebDriverWait(self.driver, WAIT, ignored_exceptions=(StaleElementReferenceException,))
+        return wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text)
 
-    def click(self, css: str, confirm: bool = False) -> None:
+    def click(self, css: str, confirm: bool = False, navigates: bool = True) -> None:
+        """Click, answer the page's confirmation if it asks, and wait for the next page to load."""
+        page = self.driver.find_element(By.TAG_NAME, "html")
         self.find(css).click()
         if confirm:  # the page's script asks first; without scripts the form just posts
             WebDriverWait(self.driver, WAIT).until(lambda d: d.switch_to.alert).accept()
+        if navigates:
+            WebDriverWait(self.driver, WAIT).until(staleness_of(page))
 
     def row(self, table: str, name: str) -> list[str] | None:
         for row in self.driver.find_elements(By.CSS_SELECTOR, f"#{table} tbody tr"):
@@ -95,9 +102,14 @@ def test_an_admin_signs_in_creates_a_key_sees_its_use_rotates_revokes_and_signs_
     admin.open("/")
     assert admin.heading() == "Sign in to the admin console"
     admin.screenshot("sign-in")
-    admin.find("#admin_key").send_keys(ADMIN_KEY)
-    admin.click("form button[type=submit]")
+    # By keyboard alone: the key field has the focus, Enter signs in, Tab reaches the skip link first.
+    assert chromium.switch_to.active_element.get_attribute("id") == "admin_key"
+    sign_in_page = chromium.find_element(By.TAG_NAME, "html")
+    chromium.switch_to.active_element.send_keys(ADMIN_KEY + Keys.ENTER)
+    WebDriverWait(chromium, WAIT).until(staleness_of(sign_in_page))
     assert admin.heading() == "Overview"
+    chromium.find_element(By.TAG_NAME, "body").send_keys(Keys.TAB)
+    assert chromium.switch_to.active_element.text == "Skip to the content"
     wait_for(lambda: _overview_ready(admin), timeout=WAIT)
     services = admin.find("table.services").text
     assert "Chat (LLM engine) Ready" in services and "Speech-to-text Not ready" in services
@@ -114,7 +126,7 @@ def test_an_admin_signs_in_creates_a_key_sees_its_use_rotates_revokes_and_signs_
     assert admin.heading() == "Key “reading-app” created"
     secret = admin.find("#secret").get_attribute("value")
     assert secret.startswith("sk-appliance-")
-    admin.click("button.copy")
+    admin.click("button.copy", navigates=False)
     WebDriverWait(chromium, WAIT).until(lambda d: d.find_element(By.CSS_SELECTOR, ".copied").text)
     admin.screenshot("key-created")
 
@@ -158,13 +170,23 @@ def test_an_admin_signs_in_creates_a_key_sees_its_use_rotates_revokes_and_signs_
     assert "kept for 365 days" in admin.find("#main").text
     admin.screenshot("privacy")
 
+    # On a phone-sized screen no page is wider than the screen (wide tables scroll in their own box).
+    chromium.set_window_size(390, 844)
+    for path in ("/admin/", "/admin/usage", "/admin/keys", "/admin/privacy"):
+        admin.open(path)
+        overflow = chromium.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 0, (path, overflow)
+    admin.screenshot("phone-privacy")
+    chromium.set_window_size(1280, 1000)
+
     # Sign out: back to the sign-in form, and the console is closed again.
     admin.click(".sign-out button")
     assert admin.heading() == "Sign in to the admin console"
     admin.open("/admin/keys")
     assert admin.heading() == "Sign in to the admin console"
     assert sorted(p.name for p in admin.shots.iterdir()) == [
-        *("key-created.png", "keys.png", "overview.png", "privacy.png", "sign-in.png", "usage.png")
+        *("key-created.png", "keys.png", "overview.png", "phone-privacy.png", "privacy.png"),
+        *("sign-in.png", "usage.png"),
     ]
 
 
