@@ -96,9 +96,8 @@ def services(state: AppState, checks: dict[str, dict[str, Any]]) -> list[Service
 def cloud_status(state: AppState, llm: dict[str, Any], governance: dict[str, Any]) -> ServiceStatus:
     cloud = (llm.get("targets") or {}).get("cloud")
     if cloud is None:
-        return ServiceStatus(
-            "Cloud fallback", False, "Not configured (no NVIDIA key): nothing leaves the box."
-        )
+        reason = "Not configured (no NVIDIA key): nothing leaves the box."
+        return ServiceStatus("Cloud fallback", False, reason, not_ready="Off")
     if cloud.get("breaker") == "open":
         return ServiceStatus("Cloud fallback", False, f"NVIDIA's cloud fails: {cloud.get('last_error')}.")
     budget = governance.get("cloud_budget") or {}
