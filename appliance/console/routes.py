@@ -8,9 +8,11 @@ session's CSRF token (the sign-in form, a token of its own in a SameSite=Strict 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
 import secrets
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from appliance.console.gate import SIGN_IN_PATH, STATIC_PREFIX, ConsoleGate, coo
 from appliance.console.sessions import COOKIE, SIGN_IN_COOKIE, Sessions, SignInThrottle, tokens_match
 from appliance.governance.keyadmin import change_key, create_key, key_fields, revoke_key, rotate_key
 from appliance.governance.keys import KeyInputError
+from appliance.governance.store import Store
 from appliance.log import event
 from appliance.state import AppState
 
@@ -96,6 +99,7 @@ class Console:
         self.throttle = SignInThrottle()
         self.env = templates()
         self.static = static_files()
+        self.reports = views.UsageReports(Store(state.governance.store.path))
 
     def page(self, request: Request, template: str, status: int = 200, **context: Any) -> HTMLResponse:
         session = session_of(request.scope)
@@ -114,6 +118,15 @@ class Console:
         if session is None or not tokens_match(field(form, "csrf"), session.csrf):
             raise FormError(403, "The form's security token is missing or wrong; reload the page, try again.")
         return form
+
+    async def refresh_reports(self) -> None:
+        """Sum the usage of earlier days ahead of the pages that show it (at start, then now and then)."""
+        while True:
+            try:
+                await asyncio.to_thread(self.reports.refresh)
+            except sqlite3.Error as exc:  # the governance layer reports the database's state
+                event("console usage sums not refreshed", level=30, error=str(exc))
+            await asyncio.sleep(views.SETTLED_REFRESH)
 
     def actor(self, request: Request) -> str:
         return f"admin console ({client_address(request)})"
@@ -260,14 +273,14 @@ def install(app: FastAPI, state: AppState) -> ConsoleGate:
     @get("/admin/usage")
     async def usage(request: Request, by: str = "key") -> Response:
         by = by if by in views.TABLE_GROUPS else "key"
-        data = await asyncio.to_thread(views.usage, state, by)
+        data = await asyncio.to_thread(views.usage, console.reports, by)
         charts = usage_charts(data["daily"])
         return console.page(request, "usage.html", charts=charts, groups=views.TABLE_GROUPS, **data)
 
     @get("/admin/usage.csv")
     async def usage_csv(request: Request, by: str = "key") -> Response:
         by = by if by in {*views.TABLE_GROUPS, "day"} else "key"
-        rows = await asyncio.to_thread(views.usage_rows, state, by)
+        rows = await asyncio.to_thread(console.reports.report, by)
         out = io.StringIO()
         columns = [by, *views.CSV_COLUMNS]
         writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
@@ -293,7 +306,9 @@ def install(app: FastAPI, state: AppState) -> ConsoleGate:
 
     @get("/admin/privacy")
     async def privacy(request: Request) -> Response:
-        return console.page(request, "privacy.html", **await asyncio.to_thread(views.privacy, state))
+        return console.page(
+            request, "privacy.html", **await asyncio.to_thread(views.privacy, state, console.reports)
+        )
 
     @get(STATIC_PREFIX + "{name}")
     async def static(name: str) -> Response:
@@ -308,4 +323,18 @@ def install(app: FastAPI, state: AppState) -> ConsoleGate:
     async def form_error(request: Request, exc: FormError) -> Response:
         return console.page(request, "error.html", exc.status, message=str(exc))
 
+    refresher: list[asyncio.Task[None]] = []
+
+    async def start() -> None:
+        refresher.append(asyncio.get_running_loop().create_task(console.refresh_reports()))
+
+    async def stop() -> None:
+        for task in refresher:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        console.reports.store.close()
+
+    state.startup.append(start)
+    state.shutdown.append(stop)
     return ConsoleGate(console.sessions)

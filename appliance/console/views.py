@@ -10,12 +10,15 @@ from datetime import date, timedelta
 from typing import Any
 
 from appliance.catalog import Route
-from appliance.governance.store import COUNTERS, UsageFilter
+from appliance.governance.store import COUNTERS, REPORT_GROUPS, Store, UsageFilter
 from appliance.planner import PlanPolicy, plan
 from appliance.state import AppState
 
 USAGE_DAYS = 30
 CSV_COLUMNS = COUNTERS
+LIVE_DAYS = 2  # yesterday and today are always read afresh; earlier days are summed once and kept
+SETTLED_REFRESH = 300.0  # seconds between recomputing the kept sums of earlier days
+MAX_SETTLED = 16  # sums kept at once (a few groupings; the window moves daily)
 TABLE_GROUPS = {"key": "Key", "school": "School", "group": "Group", "app": "App"}
 POLICY_WORDS = {
     "never": "Never leaves the box.",
@@ -134,16 +137,70 @@ def usage_window(today: date | None = None) -> tuple[str, str, list[str]]:
     return days[0], days[-1], days
 
 
-def usage_rows(state: AppState, by: str) -> list[dict[str, Any]]:
-    """The last 30 days' ledger figures summed per day, key, school, group or app."""
-    since, until, _ = usage_window()
-    return state.governance.store.usage_report(UsageFilter(since=since, until=until, by=by))
+class UsageReports:
+    """The last 30 days' usage figures, fast with a year of ledger rows: the store's report for the days
+    before yesterday is summed ahead of time and kept, and yesterday's and today's rows, read live, are
+    added to it. `refresh` (a background task, every few minutes) recomputes the kept sums, so rows the
+    ledger retried late after a database outage show within minutes. It reads through a connection of
+    its own (WAL: readers run side by side), so summing a year never holds up the gateway's store."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._settled: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+
+    def report(self, by: str) -> list[dict[str, Any]]:
+        _, until, days = usage_window()
+        settled = self._settled.get(self._window_key(by))
+        if settled is None:  # first use, a new day, or a relabelled key
+            settled = self._settle(by)
+        live = self.store.usage_report(UsageFilter(since=days[-LIVE_DAYS], until=until, by=by))
+        return merge_reports(settled, live, REPORT_GROUPS[by])
+
+    def refresh(self) -> None:
+        """Recompute every grouping's kept sums (on a worker thread)."""
+        fresh = {}
+        for by in REPORT_GROUPS:
+            if by is not None:
+                fresh[self._window_key(by)] = self._settle(by, keep=False)
+        self._settled = fresh
+
+    def _settle(self, by: str, keep: bool = True) -> list[dict[str, Any]]:
+        since, _, days = usage_window()
+        rows = self.store.usage_report(UsageFilter(since=since, until=days[-1 - LIVE_DAYS], by=by))
+        if keep:
+            if len(self._settled) >= MAX_SETTLED:
+                self._settled = {}
+            self._settled[self._window_key(by)] = rows
+        return rows
+
+    def _window_key(self, by: str) -> tuple[Any, ...]:
+        # A key's labels decide where its past rows are counted: relabelling one starts a new sum.
+        labels = tuple((r.id, r.school, r.group, r.app) for r in self.store.keys(True))
+        return (by, usage_window()[0], hash(labels))
 
 
-def usage(state: AppState, by: str) -> dict[str, Any]:
+def merge_reports(
+    first: list[dict[str, Any]], second: list[dict[str, Any]], groups: tuple[str, ...]
+) -> list[dict[str, Any]]:
+    """Two reports of the same grouping as one: counters summed per group, in the store's order."""
+    merged: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for row in (*first, *second):
+        group = tuple(row[g] for g in groups)
+        into = merged.get(group)
+        if into is None:
+            merged[group] = dict(row)
+            continue
+        for name in COUNTERS:
+            into[name] = into[name] + row[name]
+    for row in merged.values():
+        row["audio_seconds"] = round(row["audio_seconds"], 3)
+    return [merged[g] for g in sorted(merged, key=lambda g: tuple((v is not None, v or "") for v in g))]
+
+
+def usage(reports: UsageReports, by: str) -> dict[str, Any]:
     since, until, days = usage_window()
-    per_day = {r["day"]: r for r in usage_rows(state, "day")}
-    table = usage_rows(state, by)
+    per_day = {r["day"]: r for r in reports.report("day")}
+    table = reports.report(by)
     daily = [per_day.get(day) or {"day": day} for day in days]
     return {
         "since": since,
@@ -187,10 +244,10 @@ def keys(state: AppState) -> dict[str, Any]:
 # Privacy.
 
 
-def privacy(state: AppState) -> dict[str, Any]:
+def privacy(state: AppState, reports: UsageReports) -> dict[str, Any]:
     store = state.governance.store
     since, until, _ = usage_window()
-    counts = {r["model"]: r for r in store.usage_report(UsageFilter(since=since, until=until, by="model"))}
+    counts = {r["model"]: r for r in reports.report("model")}
     records = store.keys()
     policies = state.settings.fallback_policies(state.catalog.routes)
     cloud_on = state.settings.cloud_enabled
