@@ -167,17 +167,24 @@ def test_no_secret_and_no_request_content_in_any_page(console):
     app.chat.completions.create(model=CHAT_MODEL, messages=[{"role": "user", "content": PROMPT}])
     wait_for(lambda: any(r["key"] == "quiz" for r in admin_api(console, "/admin/api/usage")))
 
-    pages = {
-        path: client.get(path).text for path in (*PAGES, "/admin/usage?by=group", "/admin/usage.csv?by=day")
-    }
-    pages.update({path: client.get(path).text for path in API_CALLS})
+    pages = {}
+    for path in (
+        *PAGES,
+        *API_CALLS,
+        "/admin/usage?by=group",
+        "/admin/usage.csv?by=day",
+        "/admin/api/usage?by=group",
+    ):
+        response = client.get(path)
+        assert response.status_code == 200, (path, response.text)
+        pages[path] = response.text
     session = client.cookies["appliance_session"]
     for path, body in pages.items():
         for secret_text in (secret, ADMIN_KEY, CLIENT_KEY, session, *PROMPT.split()[1:3], "asthma"):
             assert secret_text not in body, (path, secret_text)
     rows = list(csv.DictReader(io.StringIO(pages["/admin/usage.csv"])))
     assert [(r["key"], r["requests"], r["served_box"]) for r in rows] == [("quiz", "1", "1")]
-    assert "Lindenschule" in pages["/admin/usage?by=school"]
+    assert "Lindenschule" in pages["/admin/usage?by=school"] and "4b" in pages["/admin/usage?by=group"]
     # The audit list names the action and the key, never the secret.
     assert "create" in pages["/admin/keys"] and "school=Lindenschule" in pages["/admin/keys"]
 

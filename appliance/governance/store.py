@@ -334,12 +334,13 @@ class Store:
             if value is not None:
                 conditions.append(column)
                 params.append(value)
-        select = ", ".join(f"{GROUP_SQL[g]} AS {g}" for g in groups)
+        names = ", ".join(f'"{g}"' for g in groups)  # quoted: `group` is an SQL keyword
+        select = ", ".join(f'{GROUP_SQL[g]} AS "{g}"' for g in groups)
         sums = ", ".join(f"SUM(u.{c})" for c in COUNTERS)
         sql = f"SELECT {select}, {sums} FROM usage u LEFT JOIN keys k ON k.id = u.key_id"
         if conditions:
             sql += " WHERE " + " AND ".join(conditions)
-        sql += f" GROUP BY {', '.join(groups)} ORDER BY {', '.join(groups)}"
+        sql += f" GROUP BY {names} ORDER BY {names}"
         report = []
         for row in self._read(sql, params):
             entry: dict[str, Any] = {"key": None, "model": None, "day": None}
