@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import subprocess
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 from tests.console import (
@@ -24,7 +26,7 @@ from tests.console import (
     wait_for,
     working_client,
 )
-from tests.harness import CLIENT_KEY, Gateway, clean_env
+from tests.harness import CLIENT_KEY, Gateway, clean_env, run_appliance
 
 PROMPT = "Pupil Lena Example in class 4b asks about her asthma medication"
 CHAT_MODEL = "nvidia/nemotron-mini-4b-instruct"
@@ -129,6 +131,34 @@ def test_every_form_refuses_a_missing_or_wrong_csrf_token_and_changes_nothing(co
         assert response.status_code == 403 and "appliance_session" not in response.headers.get(
             "set-cookie", ""
         )
+
+
+def test_keys_change_tier_and_models_and_every_change_is_audited_with_the_cli_s(console, tmp_path):
+    client, csrf = signed_in(console)
+    created = client.post("/admin/keys", data={"name": "quiz", "app": "quiz", "csrf": csrf})
+    secret = shown_secret(created.text)
+    changed = client.post(
+        "/admin/keys/quiz/change",
+        data={"tier": "free", "models": CHAT_MODEL, "all_models": "1", "csrf": csrf},
+    )
+    assert changed.status_code == 303 and changed.headers["location"] == "/admin/keys"
+    (key,) = admin_api(console, "/admin/api/keys")
+    assert (key["tier"], key["models"], key["app"]) == ("free", [CHAT_MODEL], "quiz")
+    app = wait_for(lambda: working_client(console, secret))
+    with pytest.raises(openai.PermissionDeniedError):  # the change is in force at once
+        app.chat.completions.create(
+            model="nvidia/nemotron-3-nano-30b-a3b", messages=[{"role": "user", "content": "x"}]
+        )
+    bad = client.post("/admin/keys/quiz/change", data={"tier": "platinum", "csrf": csrf})
+    assert bad.status_code == 400 and "unknown tier" in bad.text
+    # A change from the command line shows in the same audit list.
+    env = clean_env(APPLIANCE_DATA_DIR=console.env["APPLIANCE_DATA_DIR"])
+    assert run_appliance("keys", "revoke", "quiz", env=env).returncode == 0
+    rows = re.findall(
+        r"<tr><td>[^<]+</td><td>([^<]+)</td><td>(\w+)</td><td>quiz</td>", client.get("/admin/keys").text
+    )
+    assert [action for _, action in rows] == ["revoke", "change", "create"]
+    assert rows[0][0].startswith("appliance keys (user ") and rows[1][0] == "admin console (127.0.0.1)"
 
 
 def test_an_expired_session_is_refused(start_gateway, local_llm):

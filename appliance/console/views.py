@@ -10,6 +10,7 @@ from datetime import date, timedelta
 from typing import Any
 
 from appliance.catalog import Route
+from appliance.governance.keys import KeyRecord
 from appliance.governance.store import COUNTERS, REPORT_GROUPS, Store, UsageFilter
 from appliance.planner import PlanPolicy, plan
 from appliance.state import AppState
@@ -18,7 +19,8 @@ USAGE_DAYS = 30
 CSV_COLUMNS = COUNTERS
 LIVE_DAYS = 2  # yesterday and today are always read afresh; earlier days are summed once and kept
 SETTLED_REFRESH = 300.0  # seconds between recomputing the kept sums of earlier days
-MAX_SETTLED = 16  # sums kept at once (a few groupings; the window moves daily)
+MAX_SETTLED = 16  # regroupings kept at once (a few groupings; the window moves daily)
+LABELS = ("school", "group", "app")
 TABLE_GROUPS = {"key": "Key", "school": "School", "group": "Group", "app": "App"}
 POLICY_WORDS = {
     "never": "Never leaves the box.",
@@ -138,45 +140,61 @@ def usage_window(today: date | None = None) -> tuple[str, str, list[str]]:
 
 
 class UsageReports:
-    """The last 30 days' usage figures, fast with a year of ledger rows: the store's report for the days
-    before yesterday is summed ahead of time and kept, and yesterday's and today's rows, read live, are
-    added to it. `refresh` (a background task, every few minutes) recomputes the kept sums, so rows the
-    ledger retried late after a database outage show within minutes. It reads through a connection of
-    its own (WAL: readers run side by side), so summing a year never holds up the gateway's store."""
+    """The last 30 days' usage figures, fast with a year of ledger rows. The days before yesterday are
+    read once, per key, model and day (one query), and regrouped in memory for each page; yesterday's
+    and today's rows are read live and added. `refresh` (a background task, every few minutes) reads the
+    earlier days again, so rows the ledger retried late after a database outage show within minutes.
+    It reads through a connection of its own (WAL: readers run side by side), so the gateway's store
+    is never held up. Labels (school, group, app) of earlier days are the current ones of the key's name."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._settled: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+        self._base: tuple[str, list[dict[str, Any]]] | None = None  # (first day, rows by key, model, day)
+        self._grouped: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
 
     def report(self, by: str) -> list[dict[str, Any]]:
         _, until, days = usage_window()
-        settled = self._settled.get(self._window_key(by))
-        if settled is None:  # first use, a new day, or a relabelled key
-            settled = self._settle(by)
         live = self.store.usage_report(UsageFilter(since=days[-LIVE_DAYS], until=until, by=by))
-        return merge_reports(settled, live, REPORT_GROUPS[by])
+        return merge_reports(self._settled(by), live, REPORT_GROUPS[by])
 
     def refresh(self) -> None:
-        """Recompute every grouping's kept sums (on a worker thread)."""
-        fresh = {}
-        for by in REPORT_GROUPS:
-            if by is not None:
-                fresh[self._window_key(by)] = self._settle(by, keep=False)
-        self._settled = fresh
-
-    def _settle(self, by: str, keep: bool = True) -> list[dict[str, Any]]:
+        """Read the earlier days again (on a worker thread)."""
         since, _, days = usage_window()
-        rows = self.store.usage_report(UsageFilter(since=since, until=days[-1 - LIVE_DAYS], by=by))
-        if keep:
-            if len(self._settled) >= MAX_SETTLED:
-                self._settled = {}
-            self._settled[self._window_key(by)] = rows
-        return rows
+        rows = self.store.usage_report(UsageFilter(since=since, until=days[-1 - LIVE_DAYS]))
+        self._base, self._grouped = (since, rows), {}
+        for by in REPORT_GROUPS:  # each page's grouping, ready before it is asked for
+            if by is not None:
+                self._settled(by)
 
-    def _window_key(self, by: str) -> tuple[Any, ...]:
-        # A key's labels decide where its past rows are counted: relabelling one starts a new sum.
-        labels = tuple((r.id, r.school, r.group, r.app) for r in self.store.keys(True))
-        return (by, usage_window()[0], hash(labels))
+    def _settled(self, by: str) -> list[dict[str, Any]]:
+        since = usage_window()[0]
+        if self._base is None or self._base[0] != since:  # before the first refresh, or a new day
+            self.refresh()
+        assert self._base is not None
+        labels = {r.name: r for r in self.store.keys(True)}  # by name: the newest key's labels
+        fingerprint = hash(tuple((name, r.school, r.group, r.app) for name, r in labels.items()))
+        cache_key = (by, since, fingerprint)
+        found = self._grouped.get(cache_key)
+        if found is None:
+            found = regroup(self._base[1], by, labels)
+            if len(self._grouped) >= MAX_SETTLED:
+                self._grouped = {}
+            self._grouped[cache_key] = found
+        return found
+
+
+def regroup(rows: list[dict[str, Any]], by: str, labels: dict[str, KeyRecord]) -> list[dict[str, Any]]:
+    """Report rows by key, model and day, summed per `by` in the store's report shape."""
+    regrouped = []
+    for row in rows:
+        if by in LABELS:
+            record = labels.get(row["key"])
+            value = getattr(record, by) if record is not None else None
+        else:
+            value = row[by]
+        counts = {name: row[name] for name in COUNTERS}
+        regrouped.append({"key": None, "model": None, "day": None, by: value, **counts})
+    return merge_reports(regrouped, [], (by,))
 
 
 def merge_reports(
