@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 
+from tests.conftest import CLOUD_KEY
 from tests.console import (
     ADMIN_KEY,
     API_CALLS,
@@ -159,6 +160,41 @@ def test_keys_change_tier_and_models_and_every_change_is_audited_with_the_cli_s(
     )
     assert [action for _, action in rows] == ["revoke", "change", "create"]
     assert rows[0][0].startswith("appliance keys (user ") and rows[1][0] == "admin console (127.0.0.1)"
+
+
+def test_privacy_and_usage_show_what_went_to_the_cloud_and_why(start_gateway, cloud_llm):
+    # The local engine is down (nothing listens there): chat goes to the cloud, as the policy allows.
+    gw = start_gateway(
+        NVIDIA_NIM_BASE_URL=cloud_llm.base_url,
+        NVIDIA_NIM_API_KEY=CLOUD_KEY,
+        APPLIANCE_MODELS='{"nvidia/nemotron-3-nano-30b-a3b": {"cloud_fallback": "never"}}',
+        **console_settings(),
+    )
+    app = gw.client()
+    wait_for(lambda: any(m.id == CHAT_MODEL for m in app.models.list().data))
+    app.chat.completions.create(model=CHAT_MODEL, messages=[{"role": "user", "content": PROMPT}])
+    wait_for(lambda: admin_api(gw, "/admin/api/usage"))
+    client, _ = signed_in(gw)
+    privacy = client.get("/admin/privacy").text
+    rows = {
+        cells[0]: cells[1:]
+        for cells in (
+            re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", row, re.S)
+            for row in re.findall(r"<tr>(.*?)</tr>", privacy.split('id="policy-table"')[1], re.S)
+        )
+        if cells
+    }
+    chat = rows[CHAT_MODEL]
+    assert '"badge warn">yes<' in chat[1] and "only when the box cannot serve it" in chat[2]
+    assert chat[3:] == ["1", "1 (1 / 0)"]  # one request, sent to the cloud because the box failed
+    assert '"badge ok">no<' in rows["nvidia/nemotron-3-nano-30b-a3b"][1]  # this model's policy: never
+    assert "Never leaves the box" in rows["whisper-large-v3"][2]
+    assert "kept for <strong>365 days</strong>" in privacy
+    usage = client.get("/admin/usage").text
+    assert "<strong>0.0 %</strong> on the box" in usage and "<strong>100.0 %</strong> by NVIDIA" in usage
+    assert "1 because the box failed" in usage and PROMPT not in privacy + usage
+    overview = client.get("/admin/").text
+    assert "Available at" in overview and "The local engine" in overview
 
 
 def test_an_expired_session_is_refused(start_gateway, local_llm):
