@@ -70,8 +70,9 @@ def assert_refused(
 
 def test_root_redirects_and_nothing_opens_without_a_session_or_with_a_client_key(console):
     anonymous = browser(console)
-    root = anonymous.get("/")
-    assert root.status_code in (302, 307) and root.headers["location"] == "/admin/"
+    for root in ("/", "/admin"):
+        response = anonymous.get(root)
+        assert response.status_code == 307 and response.headers["location"] == "/admin/"
     assert_refused(anonymous)
     assert_refused(anonymous, {"Authorization": f"Bearer {CLIENT_KEY}"}, api_status=403)
     for path, fields in forms("env-1"):

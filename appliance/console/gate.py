@@ -11,12 +11,12 @@ from starlette.types import ASGIApp, Scope
 
 from appliance.console.sessions import COOKIE, Session, Sessions, tokens_match
 from appliance.errors import APIError
-from appliance.middleware import CONSOLE_ROOT, RequestContext, request_header
+from appliance.middleware import CONSOLE_ROOTS, RequestContext, request_header
 
 SIGN_IN_PATH = "/admin/sign-in"
 STATIC_PREFIX = "/admin/static/"
 API_PREFIX = "/admin/api/"
-OPEN_PATHS = frozenset({CONSOLE_ROOT, SIGN_IN_PATH})
+OPEN_PATHS = CONSOLE_ROOTS | {SIGN_IN_PATH}
 SAFE_METHODS = frozenset({"GET", "HEAD"})
 
 

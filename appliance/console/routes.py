@@ -31,6 +31,7 @@ from appliance.governance.keyadmin import change_key, create_key, key_fields, re
 from appliance.governance.keys import KeyInputError
 from appliance.governance.store import Store
 from appliance.log import event
+from appliance.middleware import CONSOLE_ROOTS
 from appliance.state import AppState
 
 HERE = Path(__file__).parent
@@ -248,9 +249,11 @@ def install(app: FastAPI, state: AppState) -> ConsoleGate:
     def post(path: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         return app.post(path, include_in_schema=False)
 
-    @get("/")
-    async def root() -> Response:
+    async def to_console() -> Response:
         return RedirectResponse("/admin/", status_code=307)
+
+    for root in CONSOLE_ROOTS:
+        app.add_api_route(root, to_console, methods=["GET"], include_in_schema=False)
 
     @get(SIGN_IN_PATH)
     async def sign_in_form(request: Request) -> Response:
