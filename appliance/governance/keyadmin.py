@@ -4,11 +4,10 @@ rotated secrets, revocation, and each change in the audit list (who, what, when;
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance.auth import hash_key, new_key
 from appliance.catalog import Catalog, load_catalog
-from appliance.config import Settings
 from appliance.governance.keys import (
     KeyInputError,
     KeyRecord,
@@ -19,6 +18,9 @@ from appliance.governance.keys import (
 )
 from appliance.governance.store import Store
 from appliance.governance.tiers import resolve_tiers
+
+if TYPE_CHECKING:
+    from appliance.config import Settings
 
 
 def key_fields(
