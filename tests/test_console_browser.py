@@ -180,6 +180,7 @@ def test_an_admin_signs_in_creates_a_key_sees_its_use_rotates_revokes_and_signs_
     chromium.set_window_size(1280, 1000)
 
     # Sign out: back to the sign-in form, and the console is closed again.
+    admin.open("/admin/")  # a page laid out afresh at the desktop size
     admin.click(".sign-out button")
     assert admin.heading() == "Sign in to the admin console"
     admin.open("/admin/keys")
