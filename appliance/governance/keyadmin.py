@@ -6,14 +6,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from appliance.auth import hash_key, new_key
+from appliance.auth import check_key_name, hash_key, new_key
 from appliance.catalog import Catalog, load_catalog
 from appliance.governance.keys import (
     KeyInputError,
     KeyRecord,
     parse_expiry,
     validate_label,
-    validate_name,
     validate_zone,
 )
 from appliance.governance.store import Store
@@ -77,7 +76,10 @@ def describe(fields: dict[str, Any]) -> str:
 
 def create_key(store: Store, name: str, fields: dict[str, Any], actor: str) -> tuple[KeyRecord, str]:
     """A new key and its secret (to be shown once). Raises KeyInputError if the name is bad or taken."""
-    validate_name(name)
+    try:
+        check_key_name(name)
+    except ValueError as exc:
+        raise KeyInputError(str(exc)) from None
     if store.key(name) is not None:
         raise KeyInputError(f"key '{name}' exists; rotate it to give it a new secret")
     secret = new_key()
