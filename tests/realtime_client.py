@@ -11,11 +11,17 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import openai
 from websockets.exceptions import ConnectionClosed
 
 PCM_RATE = 24000
 COMPLETED = "conversation.item.input_audio_transcription.completed"
 DELTA = "conversation.item.input_audio_transcription.delta"
+
+
+def connect(client: openai.OpenAI) -> Any:
+    """The SDK's realtime connection (GA client) to a transcription session."""
+    return client.realtime.connect(extra_query={"intent": "transcription"})
 
 
 def pcm16(samples: np.ndarray) -> bytes:

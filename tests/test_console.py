@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import re
-import subprocess
 from pathlib import Path
 
 import httpx
@@ -27,7 +26,7 @@ from tests.console import (
     wait_for,
     working_client,
 )
-from tests.harness import CLIENT_KEY, Gateway, clean_env, run_appliance
+from tests.harness import CLIENT_KEY, Gateway, clean_env, run_appliance, self_signed_certificate
 
 PROMPT = "Pupil Lena Example in class 4b asks about her asthma medication"
 CHAT_MODEL = "nvidia/nemotron-mini-4b-instruct"
@@ -259,17 +258,7 @@ def test_no_secret_and_no_request_content_in_any_page(console):
 
 @pytest.fixture
 def certificate(tmp_path: Path) -> tuple[Path, Path]:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            *("openssl", "req", "-x509", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"),
-            *("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"),
-            *("-keyout", str(key), "-out", str(cert), "-addext", "subjectAltName=IP:127.0.0.1"),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
+    return self_signed_certificate(tmp_path)
 
 
 def test_the_session_cookie_is_secure_over_tls(tmp_path, certificate, monkeypatch):

@@ -25,6 +25,7 @@ from tests.realtime_client import (
     Recorder,
     b64,
     chunks,
+    connect,
     ga_session,
     pcm16,
 )
@@ -47,10 +48,6 @@ def gw(real_whisper_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 @pytest.fixture(scope="module")
 def client(gw: Gateway) -> openai.OpenAI:
     return gw.client(timeout=120)
-
-
-def connect(client: openai.OpenAI):
-    return client.realtime.connect(extra_query={"intent": "transcription"})
 
 
 def realtime_status(gw: Gateway) -> dict:

@@ -15,7 +15,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from tests.harness import Gateway
-from tests.realtime_client import COMPLETED, PCM_RATE, Recorder, b64, ga_session, pcm16
+from tests.realtime_client import COMPLETED, PCM_RATE, Recorder, b64, connect, ga_session, pcm16
 from tests.stt_gateway import start_stt_gateway
 from tests.test_governance import Admin
 from tests.whisper_model import build_tiny_whisper
@@ -63,7 +63,7 @@ def dictate(gw: Gateway, key: str, turns: int) -> Recorder:
     """A session that commits `turns` turns of 1.5 s by hand, each once the last one's transcript is
     in, or until the gateway closes it; returns its events."""
     client = gw.client(api_key=key, timeout=60)
-    with client.realtime.connect(extra_query={"intent": "transcription"}) as conn:
+    with connect(client) as conn:
         events = Recorder(conn)
         with contextlib.suppress(ConnectionClosed):  # the gateway may close it at any step
             conn.session.update(session=ga_session(turn_detection=None))
@@ -103,7 +103,7 @@ def test_a_turn_past_the_keys_audio_rate_ends_the_session_with_rate_limit_exceed
     # The first turn (1.5 s) passes on a full minute's allowance (1 s) and leaves the key in debt; the
     # second, committed at once, is refused, and the first still gets its transcript before the error.
     client = gw.client(api_key=key, timeout=60)
-    with client.realtime.connect(extra_query={"intent": "transcription"}) as conn:
+    with connect(client) as conn:
         events = Recorder(conn)
         conn.session.update(session=ga_session(turn_detection=None))
         for _ in range(2):

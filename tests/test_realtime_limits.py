@@ -20,7 +20,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
 from tests.harness import CLIENT_KEY, Gateway
-from tests.realtime_client import COMPLETED, PCM_RATE, Recorder, b64, ga_session, pcm16
+from tests.realtime_client import COMPLETED, PCM_RATE, Recorder, b64, connect, ga_session, pcm16
 from tests.stt_gateway import start_stt_gateway
 from tests.whisper_model import build_tiny_whisper
 
@@ -49,10 +49,6 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
 @pytest.fixture(scope="module")
 def client(gw: Gateway) -> openai.OpenAI:
     return gw.client(timeout=60)
-
-
-def connect(client: openai.OpenAI):
-    return client.realtime.connect(extra_query={"intent": "transcription"})
 
 
 def ws_url(gw: Gateway, query: str = "intent=transcription") -> str:

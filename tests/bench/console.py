@@ -21,18 +21,10 @@ from pathlib import Path
 
 from appliance.auth import hash_key
 from appliance.governance.store import COUNTERS, Store, database_path
-from tests.console import console_settings, signed_in
+from tests.console import PAGES, console_settings, signed_in
 from tests.harness import Gateway, clean_env
 
 MODELS = ("nvidia/nemotron-mini-4b-instruct", "nvidia/nemotron-3-nano-30b-a3b")
-PAGES = (
-    "/admin/",
-    "/admin/usage",
-    "/admin/usage?by=school",
-    "/admin/usage.csv",
-    "/admin/keys",
-    "/admin/privacy",
-)
 
 
 def fill(data_dir: Path, keys: int, days: int, hours: int) -> int:
